@@ -1,0 +1,1 @@
+"""Kubernetes operator for ZeroCopyModel resources (lands with the operator issue)."""

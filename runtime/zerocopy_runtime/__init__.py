@@ -1,0 +1,25 @@
+"""Share PyTorch weights across Ray workers: published once per node, attached zero-copy."""
+
+from ._errors import (
+    CheckpointError,
+    ObjectStoreFullError,
+    UnsupportedWeightsError,
+    WeightsNotFoundError,
+    ZeroCopyError,
+)
+from .weights import AttachReport, PublishedModel, attach, attach_report, lookup, publish, release
+
+__all__ = [
+    "AttachReport",
+    "CheckpointError",
+    "ObjectStoreFullError",
+    "PublishedModel",
+    "UnsupportedWeightsError",
+    "WeightsNotFoundError",
+    "ZeroCopyError",
+    "attach",
+    "attach_report",
+    "lookup",
+    "publish",
+    "release",
+]

@@ -1,0 +1,253 @@
+"""Turn a module, pipeline or state dict into storages + manifest records.
+
+Nothing here copies weight bytes: storages are returned as uint8 views of the
+original memory, and the skeleton is pickled with every tensor replaced by a
+persistent reference, which is what keeps the publisher's peak memory near
+the size of the model instead of two or three times it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray import cloudpickle
+from torch import nn
+
+from ._errors import UnsupportedWeightsError
+from ._manifest import DTYPES, TensorRecord, dtype_name
+
+#: Trimmed storages start on this boundary so every dtype stays aligned.
+_ALIGN = 64
+PERSISTENT_TAG = "zerocopy.tensor"
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+    tensor: torch.Tensor
+    persistent: bool
+
+
+@dataclass
+class Collected:
+    """Records, byte views to publish (one per storage), and the skeleton pickle."""
+
+    records: list[TensorRecord]
+    storages: list[torch.Tensor]
+    skeleton: bytes | None
+    kind: str
+
+
+def collect(obj: Any, only: Sequence[str] | None = None) -> Collected:
+    """Describe every tensor reachable from `obj` without touching its bytes.
+
+    With `only`, just the tensors under those attributes of a pipeline are
+    shared; any other tensor is pickled by value into the skeleton.
+    """
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise UnsupportedWeightsError(
+            "TorchScript modules cannot be shared zero-copy: their weights live inside the "
+            "C++ module. Publish the eager nn.Module instead (the one you passed to torch.jit.script)."
+        )
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        named = [_Named(str(k), v, True) for k, v in obj.items()]
+        kind = "state_dict"
+    elif only is not None:
+        named = list(_walk({attr: _model_attribute(obj, attr) for attr in only}, ""))
+        kind = "pipeline"
+    else:
+        named = list(_walk(obj, ""))
+        kind = "module" if isinstance(obj, nn.Module) else "pipeline"
+    builder = _RecordBuilder(register_unnamed=only is None)
+    for item in named:
+        builder.add(item.name, item.tensor, item.persistent)
+    skeleton = None if kind == "state_dict" else builder.pickle_skeleton(obj)
+    records, storages = builder.finish()
+    return Collected(records, storages, skeleton, kind)
+
+
+def _model_attribute(pipeline: Any, attr: str) -> nn.Module:
+    value = getattr(pipeline, attr, None)
+    if not isinstance(value, nn.Module):
+        raise TypeError(
+            f"model_attr_names names {attr!r}, but {type(pipeline).__name__}.{attr} is "
+            f"{'missing' if value is None else type(value).__name__}, not an nn.Module."
+        )
+    return value
+
+
+def _walk(obj: Any, prefix: str, seen: set[int] | None = None) -> Iterator[_Named]:
+    """Name every tensor reachable through modules, containers and instance attributes.
+
+    Properties are class attributes, so `vars()` never evaluates them.
+    """
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, _NOT_WALKED):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield _Named(prefix.rstrip("."), obj, True)
+    elif isinstance(obj, nn.Module):
+        yield from _walk_module(obj, prefix, seen)
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _walk(value, f"{prefix}{key}.", seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for i, value in enumerate(obj):
+            yield from _walk(value, f"{prefix}{i}.", seen)
+    elif hasattr(obj, "__dict__"):
+        for key, value in vars(obj).items():
+            yield from _walk(value, f"{prefix}{key}.", seen)
+
+
+_NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _walk_module(module: nn.Module, prefix: str, seen: set[int]) -> Iterator[_Named]:
+    root = prefix.rstrip(".")
+    for name, param in module.named_parameters(root, remove_duplicate=False):
+        yield _Named(name, param, True)
+    modules = list(module.named_modules(prefix=root, remove_duplicate=False))
+    for mod_name, mod in modules:
+        seen.add(id(mod))
+        for name, buf in mod._buffers.items():
+            if buf is not None:
+                persistent = name not in mod._non_persistent_buffers_set
+                yield _Named(_join(mod_name, name), buf, persistent)
+    for mod_name, mod in modules:
+        # Tensors and models kept as plain attributes of a module are shared too.
+        for key, value in vars(mod).items():
+            if key not in _MODULE_INTERNALS:
+                yield from _walk(value, _join(mod_name, key) + ".", seen)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_supported(name: str, tensor: torch.Tensor) -> None:
+    problem = None
+    if type(tensor) not in (torch.Tensor, nn.Parameter):
+        problem = (
+            f"is a tensor subclass ({type(tensor).__qualname__}); convert it to a plain "
+            "tensor (for example with .to_local() or by dequantizing) before publishing"
+        )
+    elif tensor.is_quantized:
+        problem = f"is quantized ({tensor.dtype}); publish the dequantized model or its int8 data as plain tensors"
+    elif tensor.layout != torch.strided:
+        problem = f"has layout {tensor.layout}; call .to_dense() before publishing"
+    elif tensor.device.type == "meta":
+        problem = "is on the meta device and has no data; load its weights before publishing"
+    elif tensor.dtype not in DTYPES.values():
+        problem = f"has dtype {tensor.dtype}, which has no byte-view support"
+    elif tensor.is_conj() or tensor.is_neg():
+        problem = "is a lazy conjugate/negative view; call .resolve_conj()/.resolve_neg() first"
+    if problem:
+        raise UnsupportedWeightsError(f"Tensor {name!r} {problem}.")
+
+
+class _RecordBuilder:
+    """Deduplicates tensors (ties) and storages (views) while recording names."""
+
+    def __init__(self, register_unnamed: bool = True) -> None:
+        self._register_unnamed = register_unnamed
+        self._tensor_index: dict[int, int] = {}
+        self._tensors: list[torch.Tensor] = []
+        self._names: list[list[str]] = []
+        self._persistent: list[bool] = []
+
+    def add(self, name: str, tensor: torch.Tensor, persistent: bool) -> int:
+        index = self._tensor_index.get(id(tensor))
+        if index is None:
+            _check_supported(name, tensor)
+            index = len(self._tensors)
+            self._tensor_index[id(tensor)] = index
+            self._tensors.append(tensor)
+            self._names.append([])
+            self._persistent.append(persistent)
+        if name not in self._names[index]:
+            self._names[index].append(name)
+        return index
+
+    def index_of(self, tensor: torch.Tensor) -> int | None:
+        """Index of a tensor, registering tensors the walk could not name (closures, slots)."""
+        index = self._tensor_index.get(id(tensor))
+        if index is None and self._register_unnamed:
+            index = self.add(f"_unnamed.{len(self._tensors)}", tensor, True)
+        return index
+
+    def pickle_skeleton(self, obj: Any) -> bytes:
+        buf = io.BytesIO()
+        _SkeletonPickler(buf, self).dump(obj)
+        return buf.getvalue()
+
+    def finish(self) -> tuple[list[TensorRecord], list[torch.Tensor]]:
+        storage_of: dict[tuple[str, int], int] = {}
+        groups: list[list[int]] = []
+        for i, tensor in enumerate(self._tensors):
+            key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+            if tensor.untyped_storage().nbytes() == 0:
+                key = ("empty", 0)
+            if key not in storage_of:
+                storage_of[key] = len(groups)
+                groups.append([])
+            groups[storage_of[key]].append(i)
+        records: list[TensorRecord | None] = [None] * len(self._tensors)
+        storages: list[torch.Tensor] = []
+        for s, members in enumerate(groups):
+            start, end = _byte_span([self._tensors[i] for i in members])
+            storages.append(_byte_view(self._tensors[members[0]], start, end))
+            for i in members:
+                t = self._tensors[i]
+                offset_bytes = t.storage_offset() * t.element_size() - start
+                records[i] = TensorRecord(
+                    names=tuple(self._names[i]),
+                    dtype=dtype_name(t.dtype),
+                    shape=tuple(t.shape),
+                    stride=tuple(t.stride()),
+                    storage_offset=offset_bytes // t.element_size(),
+                    storage=s,
+                    is_parameter=isinstance(t, nn.Parameter),
+                    requires_grad=t.requires_grad,
+                    persistent=self._persistent[i],
+                )
+        return [r for r in records if r is not None], storages
+
+
+def _byte_span(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """The bytes of a storage that the tensors actually use, start aligned down."""
+    starts, ends = [], []
+    for t in tensors:
+        begin = t.storage_offset() * t.element_size()
+        extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        starts.append(begin)
+        ends.append(begin + extent * t.element_size())
+    start = min(starts) // _ALIGN * _ALIGN
+    return start, max(max(ends), start)
+
+
+def _byte_view(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    storage = tensor.untyped_storage()
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    view = torch.empty(0, dtype=torch.uint8)
+    return view.set_(storage, start, (end - start,), (1,))
+
+
+class _SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """Pickles the object graph with tensors as references into the manifest."""
+
+    def __init__(self, file: io.BytesIO, builder: _RecordBuilder) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._builder = builder
+
+    def persistent_id(self, obj: Any) -> tuple[str, int] | None:
+        index = self._builder.index_of(obj) if isinstance(obj, torch.Tensor) else None
+        return None if index is None else (PERSISTENT_TAG, index)

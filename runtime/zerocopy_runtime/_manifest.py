@@ -1,0 +1,91 @@
+"""The small, picklable description of published weights.
+
+The manifest travels to every attaching process; the bytes never do. It is
+plain data (no torch objects) so that it pickles in microseconds and can be
+inspected or logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: Every dtype is stored as raw bytes; this table maps names back on attach.
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
+        torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+        torch.complex128, torch.complex64, torch.complex32,
+        torch.int64, torch.int32, torch.int16, torch.int8,
+        torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+    )
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """One run of bytes: buffer `index` inside store object `chunk`."""
+
+    chunk: int
+    index: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor object, viewed into a storage.
+
+    `names` holds every state-dict name that refers to this very tensor object
+    (tied weights), so ties survive the round trip as `a is b`.
+    `storage_offset` is in elements, relative to the published (trimmed) storage.
+    """
+
+    names: tuple[str, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    storage: int
+    is_parameter: bool
+    requires_grad: bool
+    persistent: bool
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild tensors from the store objects.
+
+    `skeleton` is the pickled model or pipeline with every tensor replaced by a
+    reference into `tensors`; it is None when only a state dict was published
+    (a checkpoint), in which case the architecture comes from a factory.
+    """
+
+    tensors: tuple[TensorRecord, ...]
+    storages: tuple[StorageRecord, ...]
+    chunk_count: int
+    skeleton: bytes | None = None
+    kind: str = "module"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in the store (unique storages, without padding)."""
+        return sum(s.nbytes for s in self.storages)
+
+    def by_name(self) -> dict[str, int]:
+        """Map every name (aliases included) to its tensor index."""
+        return {name: i for i, rec in enumerate(self.tensors) for name in rec.names}

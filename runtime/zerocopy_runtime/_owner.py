@@ -1,0 +1,124 @@
+"""The detached actor that owns a published model's store objects.
+
+Ray frees an object when the process that created it dies, so the bytes must
+be created by a process that outlives replicas and publishers: this actor.
+It never runs user code, holds no CPU reservation, and is pinned to the node
+whose store it fills.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ._checkpoint import load_mapped
+from ._collect import collect
+from ._errors import ObjectStoreFullError
+from ._guard import PAGE
+from ._manifest import Manifest, StorageRecord
+from ._store import format_bytes, local_store_usage
+
+NAMESPACE = "zerocopy"
+_PREFIX = "zerocopy-weights:"
+
+
+def actor_name(name: str) -> str:
+    return _PREFIX + name
+
+
+def published_names(namespace: str = NAMESPACE) -> list[str]:
+    """Names of every model currently published in `namespace`."""
+    from ray.util import list_named_actors
+
+    return sorted(
+        a["name"].removeprefix(_PREFIX)
+        for a in list_named_actors(all_namespaces=True)
+        if a["namespace"] == namespace and a["name"].startswith(_PREFIX)
+    )
+
+
+def plan_chunks(sizes: list[int], chunk_bytes: int) -> list[list[int]]:
+    """Group storages, in order, into store objects of about `chunk_bytes` each."""
+    chunks: list[list[int]] = [[]]
+    filled = 0
+    for i, size in enumerate(sizes):
+        if chunks[-1] and filled + size > chunk_bytes:
+            chunks.append([])
+            filled = 0
+        chunks[-1].append(i)
+        filled += size
+    return chunks
+
+
+def chunk_payload(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Storages framed by one page of padding on each side.
+
+    The padding guarantees that the whole pages covering the storages lie
+    inside this object, so they can be write-protected without touching a
+    neighbouring object.
+    """
+    # Two distinct arrays: pickle would store one array listed twice only once.
+    return [np.zeros(PAGE, dtype=np.uint8), *arrays, np.zeros(PAGE, dtype=np.uint8)]
+
+
+def check_room(needed: int, what: str) -> None:
+    usage = local_store_usage()
+    if needed > usage.free:
+        raise ObjectStoreFullError(
+            f"{what} needs {format_bytes(needed)} of object store memory, but this node's store has "
+            f"{format_bytes(usage.free)} free of {format_bytes(usage.capacity)}. Give Ray a larger store "
+            "(ray.init(object_store_memory=...), `ray start --object-store-memory=...`, or "
+            "objectStoreMemory in the ZeroCopyModel worker group), or release other published models."
+        )
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class WeightOwner:
+    """Holds one model's store objects and its manifest."""
+
+    def __init__(self) -> None:
+        self._chunks: list[ray.ObjectRef] = []
+        self._manifest: Manifest | None = None
+
+    def adopt(self, wrapped: list[ray.ObjectRef]) -> None:
+        """Re-create a publisher's chunk as an object owned by this actor."""
+        self._chunks.append(ray.put(ray.get(wrapped[0])))
+
+    def seal(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+
+    def publish_checkpoint(self, path: str, chunk_bytes: int) -> None:
+        """Read a checkpoint in this process, straight from its mapped pages into the store."""
+        collected = collect(load_mapped(path))
+        sizes = [s.numel() for s in collected.storages]
+        check_room(sum(sizes) + 2 * PAGE * len(sizes), f"Checkpoint {path!r}")
+        storages: list[StorageRecord] = []
+        for c, members in enumerate(plan_chunks(sizes, chunk_bytes)):
+            arrays = [collected.storages[i].numpy() for i in members]
+            self._chunks.append(ray.put(chunk_payload(arrays)))
+            storages += [StorageRecord(c, j + 1, sizes[i]) for j, i in enumerate(members)]
+        self._manifest = Manifest(
+            tensors=tuple(collected.records),
+            storages=tuple(storages),
+            chunk_count=len(self._chunks),
+            kind=collected.kind,
+            metadata={"source": str(Path(path).resolve())},
+        )
+
+    def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef]]:
+        return self._manifest, list(self._chunks)
+
+
+def start_owner(name: str, namespace: str) -> Any:
+    """Create the named, detached owner on this node (the store the caller will use)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return WeightOwner.options(  # type: ignore[attr-defined]
+        name=actor_name(name),
+        namespace=namespace,
+        lifetime="detached",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    ).remote()

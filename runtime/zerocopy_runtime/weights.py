@@ -1,0 +1,371 @@
+"""Publish weights once into the object store; attach to them zero-copy anywhere on the node.
+
+`publish` puts a model's bytes in the store as a few large objects owned by a
+detached actor, plus a small manifest. `attach` maps those objects (no copy),
+rebuilds the model around them, and write-protects the pages. Attach cost
+grows with the number of tensors, not with their size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from . import _guard
+from ._collect import PERSISTENT_TAG, collect
+from ._errors import CheckpointError, WeightsNotFoundError, ZeroCopyError
+from ._manifest import DTYPES, Manifest, StorageRecord, TensorRecord
+from ._owner import NAMESPACE, actor_name, check_room, chunk_payload, plan_chunks, start_owner
+from ._store import all_inside_store
+
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A cheap, picklable handle: the manifest and references to the store objects."""
+
+    name: str
+    namespace: str
+    manifest: Manifest
+    refs: tuple[ray.ObjectRef, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.manifest.nbytes
+
+
+@dataclass(frozen=True)
+class AttachReport:
+    """What one attach did, and the evidence that nothing was copied."""
+
+    name: str
+    bytes_shared: int
+    tensor_count: int
+    storage_count: int
+    attach_seconds: float
+    in_object_store: bool
+    write_guard: bool
+    pid: int
+    node_id: str
+
+
+def publish(
+    source: Any,
+    *,
+    name: str | None = None,
+    namespace: str = NAMESPACE,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    only: Sequence[str] | None = None,
+) -> PublishedModel:
+    """Put `source` in this node's object store once and return its handle.
+
+    `source` is an nn.Module, any object holding modules (a pipeline), a state
+    dict, or a checkpoint path (safetensors file or shard directory, torch
+    `.pt`). Checkpoints are read by the owner actor itself, straight from the
+    file's pages. The objects stay until `release(name)`, whatever happens to
+    the calling process. `only` restricts sharing to those attributes of a
+    pipeline (the rest travels by value).
+    """
+    name = name or f"model-{uuid.uuid4().hex[:12]}"
+    try:
+        ray.get_actor(actor_name(name), namespace=namespace)
+    except ValueError:
+        pass
+    else:
+        raise ZeroCopyError(
+            f"Weights named {name!r} are already published; release({name!r}) first or pick another name."
+        )
+    collected = None if isinstance(source, (str, os.PathLike)) else collect(source, only)
+    if collected is not None:
+        sizes = [s.numel() for s in collected.storages]
+        chunks = plan_chunks(sizes, chunk_bytes)
+        largest = max(sum(sizes[i] for i in c) for c in chunks)
+        # The publisher's copy of one chunk exists until the owner has re-created it.
+        check_room(sum(sizes) + largest + 2 * _guard.PAGE * len(chunks), f"Model {name!r}")
+    owner = start_owner(name, namespace)
+    try:
+        if collected is None:
+            ray.get(owner.publish_checkpoint.remote(str(Path(source)), chunk_bytes))
+        else:
+            _hand_over(owner, collected, chunks, sizes)
+    except BaseException:
+        ray.kill(owner)
+        raise
+    return lookup(name, namespace=namespace)
+
+
+def _hand_over(owner: Any, collected: Any, chunks: list[list[int]], sizes: list[int]) -> None:
+    storages: list[StorageRecord] = []
+    for c, members in enumerate(chunks):
+        ref = ray.put(chunk_payload([collected.storages[i].numpy() for i in members]))
+        ray.get(owner.adopt.remote([ref]))
+        del ref
+        storages += [StorageRecord(c, j + 1, sizes[i]) for j, i in enumerate(members)]
+    manifest = Manifest(
+        tensors=tuple(collected.records),
+        storages=tuple(storages),
+        chunk_count=len(chunks),
+        skeleton=collected.skeleton,
+        kind=collected.kind,
+    )
+    ray.get(owner.seal.remote(manifest))
+
+
+def lookup(name: str, *, namespace: str = NAMESPACE) -> PublishedModel:
+    """The handle of weights published under `name`, from any process in the cluster."""
+    try:
+        owner = ray.get_actor(actor_name(name), namespace=namespace)
+    except ValueError:
+        raise WeightsNotFoundError(
+            f"No weights are published as {name!r} in namespace {namespace!r}: publish them first "
+            f"(zerocopy_runtime.publish(model, name={name!r})) or check the name; they may have been released."
+        ) from None
+    manifest, refs = ray.get(owner.describe.remote())
+    if manifest is None:
+        raise WeightsNotFoundError(f"Weights {name!r} are still being published; retry once publish() has returned.")
+    return PublishedModel(name, namespace, manifest, tuple(refs))
+
+
+def release(model: PublishedModel | str, *, namespace: str = NAMESPACE) -> None:
+    """Free the published bytes. Processes still attached keep their pages until they let go."""
+    name = model.name if isinstance(model, PublishedModel) else model
+    namespace = model.namespace if isinstance(model, PublishedModel) else namespace
+    try:
+        ray.kill(ray.get_actor(actor_name(name), namespace=namespace), no_restart=True)
+    except ValueError:
+        raise WeightsNotFoundError(f"No weights are published as {name!r}; nothing to release.") from None
+
+
+_REPORTS: dict[int, AttachReport] = {}
+
+
+def attach(
+    model: PublishedModel | str,
+    *,
+    factory: Callable[[], nn.Module] | None = None,
+    device: str | torch.device = "cpu",
+    write_guard: bool = True,
+    strict: bool = True,
+    namespace: str = NAMESPACE,
+) -> Any:
+    """Rebuild the published object around read-only views of the store. No weight is copied.
+
+    Without `factory`, a published module or pipeline comes back as it was
+    (same classes, attributes and ties) and a state dict comes back as a dict.
+    With `factory`, it is called with parameters on the meta device and every
+    parameter and buffer is pointed at its published bytes (names, shapes and
+    dtypes must match, as in `load_state_dict(strict=True)`).
+    `write_guard` maps the pages read-only: a write through a weight then
+    kills this process (SIGSEGV) instead of corrupting every other replica.
+    """
+    handle = model if isinstance(model, PublishedModel) else lookup(model, namespace=namespace)
+    started = time.perf_counter()
+    manifest = handle.manifest
+    chunk_arrays = ray.get(list(handle.refs))
+    regions = [_Region(arrays, write_guard) for arrays in chunk_arrays]
+    storages = [regions[s.chunk].storage(s.index, s.nbytes) for s in manifest.storages]
+    tensors = [_tensor(rec, storages[rec.storage]) for rec in manifest.tensors]
+    if factory is not None:
+        obj: Any = _assign(factory, manifest, tensors, strict)
+    elif manifest.skeleton is not None:
+        obj = load_skeleton(manifest.skeleton, tensors)
+    else:
+        obj = {name: tensors[i] for name, i in manifest.by_name().items()}
+    report = AttachReport(
+        name=handle.name,
+        bytes_shared=manifest.nbytes,
+        tensor_count=len(tensors),
+        storage_count=len(storages),
+        attach_seconds=time.perf_counter() - started,
+        in_object_store=all_inside_store([(s.data_ptr(), s.nbytes()) for s in storages]),
+        write_guard=write_guard,
+        pid=os.getpid(),
+        node_id=ray.get_runtime_context().get_node_id(),
+    )
+    if torch.device(device).type != "cpu":
+        obj = move_to(obj, device)
+    _remember(obj, report)
+    return obj
+
+
+def attach_report(obj: Any) -> AttachReport:
+    """The report of the attach that produced `obj`."""
+    try:
+        return _REPORTS[id(obj)]
+    except KeyError:
+        raise ZeroCopyError("This object was not produced by zerocopy_runtime.attach().") from None
+
+
+def _remember(obj: Any, report: AttachReport) -> None:
+    try:
+        weakref.finalize(obj, _REPORTS.pop, id(obj), None)
+    except TypeError:  # not weak-referenceable: keep no report rather than leak
+        return
+    _REPORTS[id(obj)] = report
+
+
+def move_to(obj: Any, device: str | torch.device) -> Any:
+    """Move a module, a dict of tensors, or every module attribute of a pipeline to `device`."""
+    if isinstance(obj, nn.Module):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: v.to(device) for k, v in obj.items()}
+    for key, value in vars(obj).items():
+        if isinstance(value, nn.Module):
+            setattr(obj, key, value.to(device))
+    return obj
+
+
+class _Region:
+    """One store object's buffers; write-protected while any tensor views them.
+
+    The numpy views handed to torch have this object as their base, so it dies
+    exactly when the last tensor does; that is when writes are re-enabled,
+    before Ray may reuse the pages.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], guard: bool) -> None:
+        self._arrays = arrays
+        self._start = arrays[0].ctypes.data
+        end = arrays[-1].ctypes.data + arrays[-1].nbytes
+        self.__array_interface__ = {
+            "shape": (end - self._start,),
+            "typestr": "|u1",
+            "data": (self._start, True),
+            "version": 3,
+        }
+        self._view = np.asarray(self)
+        if guard:
+            pages = _guard.inner_pages(self._start, end)
+            _guard.acquire(*pages)
+            weakref.finalize(self, _guard.release, *pages)
+
+    def storage(self, index: int, nbytes: int) -> torch.UntypedStorage:
+        offset = self._arrays[index].ctypes.data - self._start
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self._view[offset : offset + nbytes]).untyped_storage()
+
+
+def _tensor(rec: TensorRecord, storage: torch.UntypedStorage) -> torch.Tensor:
+    tensor = torch.empty(0, dtype=DTYPES[rec.dtype]).set_(storage, rec.storage_offset, rec.shape, rec.stride)
+    return nn.Parameter(tensor, requires_grad=rec.requires_grad) if rec.is_parameter else tensor
+
+
+def meta_tensors(manifest: Manifest) -> list[torch.Tensor]:
+    """The manifest's tensors on the meta device: right types and shapes, no bytes."""
+    tensors = []
+    for rec in manifest.tensors:
+        tensor = torch.empty_strided(rec.shape, rec.stride, dtype=DTYPES[rec.dtype], device="meta")
+        tensors.append(nn.Parameter(tensor, requires_grad=rec.requires_grad) if rec.is_parameter else tensor)
+    return tensors
+
+
+def load_skeleton(data: bytes, tensors: list[torch.Tensor]) -> Any:
+    """Unpickle a published object, resolving every tensor reference to `tensors`."""
+
+    class _Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> torch.Tensor:
+            tag, index = pid
+            if tag != PERSISTENT_TAG:
+                raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+            return tensors[index]
+
+    return _Unpickler(io.BytesIO(data)).load()
+
+
+@contextmanager
+def _params_on_meta() -> Any:
+    """Build modules with parameters on the meta device but real buffers.
+
+    Non-persistent buffers (rotary tables, masks) are often absent from
+    checkpoints and computed in `__init__`; keeping buffers real preserves
+    them, while parameters, the bulk of the bytes, are never allocated.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _assign(
+    factory: Callable[[], nn.Module], manifest: Manifest, tensors: list[torch.Tensor], strict: bool
+) -> nn.Module:
+    with _params_on_meta():
+        module = factory()
+    index = manifest.by_name()
+    used: set[int] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for kind, slots in (("_parameters", _slots(module, "_parameters")), ("_buffers", _slots(module, "_buffers"))):
+        for names, places in slots:
+            found = next((index[n] for n in names if n in index), None)
+            current = getattr(places[0][0], kind)[places[0][1]]
+            persistent = all(leaf not in mod._non_persistent_buffers_set for mod, leaf in places)
+            if found is None:
+                if kind == "_parameters" or persistent:
+                    missing.append(names[0])
+                continue
+            source = tensors[found]
+            if source.shape != current.shape or source.dtype != current.dtype:
+                mismatched.append(
+                    f"{names[0]!r}: checkpoint {tuple(source.shape)} {source.dtype}, "
+                    f"architecture {tuple(current.shape)} {current.dtype}"
+                )
+                continue
+            used.add(found)
+            if kind == "_parameters":
+                source = nn.Parameter(source.detach(), requires_grad=current.requires_grad)
+            for mod, leaf in places:
+                getattr(mod, kind)[leaf] = source
+    unexpected = [manifest.tensors[i].names[0] for i in range(len(tensors)) if i not in used]
+    problems = []
+    if mismatched:
+        problems.append("shape/dtype mismatch for " + "; ".join(mismatched[:5]))
+    if missing:
+        problems.append("missing from the checkpoint: " + ", ".join(missing[:5]))
+    if unexpected and strict:
+        problems.append("not in the architecture: " + ", ".join(unexpected[:5]))
+    if problems:
+        raise CheckpointError(
+            "The published weights do not match the architecture built by the factory: "
+            + " | ".join(problems)
+            + ". Check that the factory builds the same model (and dtype) the checkpoint was saved from."
+        )
+    return module
+
+
+def _slots(module: nn.Module, kind: str) -> list[tuple[list[str], list[tuple[nn.Module, str]]]]:
+    """Group every (module, attribute) slot holding the same tensor, with all its names."""
+    groups: dict[int, tuple[list[str], list[tuple[nn.Module, str]]]] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for leaf, tensor in getattr(mod, kind).items():
+            if tensor is not None:
+                names, places = groups.setdefault(id(tensor), ([], []))
+                names.append(f"{mod_name}.{leaf}" if mod_name else leaf)
+                places.append((mod, leaf))
+    return list(groups.values())

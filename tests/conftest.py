@@ -1,0 +1,44 @@
+"""One Ray instance per test session: `ray.init` costs seconds here, tests cost milliseconds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Small on purpose: tests must fit a 2-core CI machine; the store-full test relies on it.
+STORE_BYTES = 384 * 2**20
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        object_store_memory=STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="zerocopy-tests",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def published(ray_session: None) -> Iterator[list]:
+    """Names published during a test, released afterwards so the store is empty for the next one."""
+    import zerocopy_runtime as zc
+
+    names: list = []
+    yield names
+    for item in names:
+        try:
+            zc.release(item)
+        except zc.WeightsNotFoundError:
+            pass
