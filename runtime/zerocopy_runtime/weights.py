@@ -136,20 +136,36 @@ def lookup(name: str, *, namespace: str = NAMESPACE) -> PublishedModel:
             f"No weights are published as {name!r} in namespace {namespace!r}: publish them first "
             f"(zerocopy_runtime.publish(model, name={name!r})) or check the name; they may have been released."
         ) from None
-    manifest, refs = ray.get(owner.describe.remote())
+    try:
+        manifest, refs = ray.get(owner.describe.remote())
+    except ray.exceptions.RayActorError:
+        raise WeightsNotFoundError(
+            f"The owner of weights {name!r} has died or was released: publish them again."
+        ) from None
     if manifest is None:
         raise WeightsNotFoundError(f"Weights {name!r} are still being published; retry once publish() has returned.")
     return PublishedModel(name, namespace, manifest, tuple(refs))
 
 
-def release(model: PublishedModel | str, *, namespace: str = NAMESPACE) -> None:
-    """Free the published bytes. Processes still attached keep their pages until they let go."""
+def release(model: PublishedModel | str, *, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:
+    """Free the published bytes. Processes still attached keep their pages until they let go.
+
+    Returns once the name is free again, so publishing under it right away works.
+    """
     name = model.name if isinstance(model, PublishedModel) else model
     namespace = model.namespace if isinstance(model, PublishedModel) else namespace
     try:
         ray.kill(ray.get_actor(actor_name(name), namespace=namespace), no_restart=True)
     except ValueError:
         raise WeightsNotFoundError(f"No weights are published as {name!r}; nothing to release.") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(actor_name(name), namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise ZeroCopyError(f"The owner of {name!r} was killed but Ray still lists its name after {timeout:.0f} s.")
 
 
 _REPORTS: dict[int, AttachReport] = {}
@@ -178,8 +194,10 @@ def attach(
     started = time.perf_counter()
     manifest = handle.manifest
     chunk_arrays = ray.get(list(handle.refs))
-    regions = [_Region(arrays, write_guard) for arrays in chunk_arrays]
-    storages = [regions[s.chunk].storage(s.index, s.nbytes) for s in manifest.storages]
+    storages: list[torch.UntypedStorage] = []
+    for chunk, arrays in enumerate(chunk_arrays):
+        records = [s for s in manifest.storages if s.chunk == chunk]
+        storages += _Region(arrays, write_guard).storages(records)
     tensors = [_tensor(rec, storages[rec.storage]) for rec in manifest.tensors]
     if factory is not None:
         obj: Any = _assign(factory, manifest, tensors, strict)
@@ -235,9 +253,11 @@ def move_to(obj: Any, device: str | torch.device) -> Any:
 class _Region:
     """One store object's buffers; write-protected while any tensor views them.
 
-    The numpy views handed to torch have this object as their base, so it dies
+    Storages are slices of a numpy view whose base is this object, so it dies
     exactly when the last tensor does; that is when writes are re-enabled,
-    before Ray may reuse the pages.
+    before Ray may reuse the pages. (The view must not be kept on `self`:
+    numpy arrays are invisible to the cycle collector, so that cycle would
+    never be freed.)
     """
 
     def __init__(self, arrays: list[np.ndarray], guard: bool) -> None:
@@ -250,17 +270,20 @@ class _Region:
             "data": (self._start, True),
             "version": 3,
         }
-        self._view = np.asarray(self)
         if guard:
             pages = _guard.inner_pages(self._start, end)
             _guard.acquire(*pages)
             weakref.finalize(self, _guard.release, *pages)
 
-    def storage(self, index: int, nbytes: int) -> torch.UntypedStorage:
-        offset = self._arrays[index].ctypes.data - self._start
+    def storages(self, records: Sequence[StorageRecord]) -> list[torch.UntypedStorage]:
+        view = np.asarray(self)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(self._view[offset : offset + nbytes]).untyped_storage()
+            return [self._slice(view, rec).untyped_storage() for rec in records]
+
+    def _slice(self, view: np.ndarray, rec: StorageRecord) -> torch.Tensor:
+        offset = self._arrays[rec.index].ctypes.data - self._start
+        return torch.from_numpy(view[offset : offset + rec.nbytes])
 
 
 def _tensor(rec: TensorRecord, storage: torch.UntypedStorage) -> torch.Tensor:
@@ -279,15 +302,21 @@ def meta_tensors(manifest: Manifest) -> list[torch.Tensor]:
 
 def load_skeleton(data: bytes, tensors: list[torch.Tensor]) -> Any:
     """Unpickle a published object, resolving every tensor reference to `tensors`."""
+    return _SkeletonUnpickler(io.BytesIO(data), tensors).load()
 
-    class _Unpickler(pickle.Unpickler):
-        def persistent_load(self, pid: Any) -> torch.Tensor:
-            tag, index = pid
-            if tag != PERSISTENT_TAG:
-                raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-            return tensors[index]
 
-    return _Unpickler(io.BytesIO(data)).load()
+class _SkeletonUnpickler(pickle.Unpickler):
+    # Module level on purpose: a class made inside a function lives in a reference
+    # cycle, and would keep `tensors` (and the store pages) alive until a GC pass.
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self._tensors = tensors
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        tag, index = pid
+        if tag != PERSISTENT_TAG:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return self._tensors[index]
 
 
 @contextmanager
