@@ -17,6 +17,11 @@ STORE_BYTES = 384 * 2**20
 def ray_session() -> Iterator[None]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    import torch
+
+    # Ray workers run with one intra-op thread; so does this process, so that
+    # results computed here and in workers are bitwise comparable.
+    torch.set_num_threads(1)
 
     ray.init(
         num_cpus=4,

@@ -86,3 +86,17 @@ class Pipeline:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.extras["heads"][0](self._decoder(self.encoder(x))) > self.threshold
+
+
+class Introspective(MLP):
+    """An MLP whose extra methods report where and how it runs (for task-mode tests)."""
+
+    def whoami(self) -> tuple[int, int]:
+        import os
+
+        return os.getpid(), id(self)
+
+    def resources(self) -> dict[str, float]:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources()

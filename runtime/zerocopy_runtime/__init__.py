@@ -8,12 +8,15 @@ from ._errors import (
     ZeroCopyError,
 )
 from .weights import AttachReport, PublishedModel, attach, attach_report, lookup, publish, release
+from .wrapper import ModelWrapper, TaskModel
 
 __all__ = [
     "AttachReport",
     "CheckpointError",
+    "ModelWrapper",
     "ObjectStoreFullError",
     "PublishedModel",
+    "TaskModel",
     "UnsupportedWeightsError",
     "WeightsNotFoundError",
     "ZeroCopyError",

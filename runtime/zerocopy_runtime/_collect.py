@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,36 +82,59 @@ def _model_attribute(pipeline: Any, attr: str) -> nn.Module:
     return value
 
 
-def _walk(obj: Any, prefix: str, seen: set[int] | None = None) -> Iterator[_Named]:
-    """Name every tensor reachable through modules, containers and instance attributes.
+def reachable(obj: Any, path: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Every tensor and module reachable through containers and instance attributes, with its path.
 
-    Properties are class attributes, so `vars()` never evaluates them.
+    Does not descend into tensors or modules. Properties are class
+    attributes, so `vars()` never evaluates them.
     """
     seen = set() if seen is None else seen
     if id(obj) in seen or isinstance(obj, _NOT_WALKED):
         return
     seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield _Named(prefix.rstrip("."), obj, True)
-    elif isinstance(obj, nn.Module):
-        yield from _walk_module(obj, prefix, seen)
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from _walk(value, f"{prefix}{key}.", seen)
+    if isinstance(obj, (torch.Tensor, nn.Module)):
+        yield path, obj
+        return
+    if isinstance(obj, Mapping):
+        items: Iterable[tuple[Any, Any]] = obj.items()
     elif isinstance(obj, (list, tuple, set, frozenset)):
-        for i, value in enumerate(obj):
-            yield from _walk(value, f"{prefix}{i}.", seen)
+        items = enumerate(obj)
     elif hasattr(obj, "__dict__"):
-        for key, value in vars(obj).items():
-            yield from _walk(value, f"{prefix}{key}.", seen)
+        items = vars(obj).items()
+    else:
+        return
+    for key, value in items:
+        yield from reachable(value, _join(path, str(key)), seen)
+
+
+def resolve(root: Any, path: str) -> Any:
+    """The object at a path produced by `reachable`."""
+    obj = root
+    for part in filter(None, path.split(".")):
+        if isinstance(obj, Mapping):
+            obj = next(v for k, v in obj.items() if str(k) == part)
+        elif isinstance(obj, (list, tuple)):
+            obj = obj[int(part)]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def _walk(obj: Any, path: str, seen: set[int] | None = None) -> Iterator[_Named]:
+    """Name every tensor reachable from `obj`, looking inside modules too."""
+    seen = set() if seen is None else seen
+    for leaf_path, leaf in reachable(obj, path, seen):
+        if isinstance(leaf, nn.Module):
+            yield from _walk_module(leaf, leaf_path, seen)
+        else:
+            yield _Named(leaf_path, leaf, True)
 
 
 _NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
-def _walk_module(module: nn.Module, prefix: str, seen: set[int]) -> Iterator[_Named]:
-    root = prefix.rstrip(".")
+def _walk_module(module: nn.Module, root: str, seen: set[int]) -> Iterator[_Named]:
     for name, param in module.named_parameters(root, remove_duplicate=False):
         yield _Named(name, param, True)
     modules = list(module.named_modules(prefix=root, remove_duplicate=False))
@@ -125,7 +148,7 @@ def _walk_module(module: nn.Module, prefix: str, seen: set[int]) -> Iterator[_Na
         # Tensors and models kept as plain attributes of a module are shared too.
         for key, value in vars(mod).items():
             if key not in _MODULE_INTERNALS:
-                yield from _walk(value, _join(mod_name, key) + ".", seen)
+                yield from _walk(value, _join(mod_name, key), seen)
 
 
 def _join(prefix: str, name: str) -> str:

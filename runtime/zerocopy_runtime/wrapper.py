@@ -15,6 +15,7 @@ import ray
 import torch
 from torch import nn
 
+from ._collect import reachable, resolve
 from .weights import PublishedModel, attach, load_skeleton, meta_tensors, publish, release
 
 T = TypeVar("T")
@@ -76,17 +77,23 @@ class ModelWrapper(Generic[T]):
     def load(self, device: str | torch.device = "cpu") -> T:
         """Actor mode: attach here (zero-copy, read-only) and return the model or pipeline.
 
-        Task mode: return the task-backed stand-in. Models are on CPU unless
-        `device` says otherwise; moving them later with `.to()` works too.
+        Every model comes back in eval mode, as in the guide: the weights are
+        read-only, and a module in train mode (BatchNorm statistics) would
+        write to them. Models are on CPU unless `device` says otherwise;
+        moving them later with `.to()` works too.
+        Task mode: return the task-backed stand-in.
         """
         if self.mode == "actor":
-            return attach(self.published, device=device)  # type: ignore[no-any-return]
+            loaded = attach(self.published, device=device)
+            for _, module in _models_in(loaded):
+                module.eval()
+            return loaded  # type: ignore[no-any-return]
         if self.published.manifest.kind == "module":
-            return TaskModel(self, None)  # type: ignore[return-value]
+            return TaskModel(self, "")  # type: ignore[return-value]
         pipeline = _skeleton_on_meta(self.published)
-        for key, value in vars(pipeline).items():
-            if isinstance(value, nn.Module):
-                setattr(pipeline, key, TaskModel(self, key))
+        for path, _ in _models_in(pipeline):
+            parent, _, leaf = path.rpartition(".")
+            _replace(resolve(pipeline, parent), leaf, TaskModel(self, path))
         return pipeline  # type: ignore[no-any-return]
 
     def release(self) -> None:
@@ -104,17 +111,16 @@ class TaskModel:
     whose tensors are on the meta device, so reading them costs nothing.
     """
 
-    def __init__(self, wrapper: ModelWrapper[Any], attr: str | None) -> None:
+    def __init__(self, wrapper: ModelWrapper[Any], path: str) -> None:
         self._wrapper = wrapper
-        self._attr = attr
-        local = _skeleton_on_meta(wrapper.published)
-        self._local = local if attr is None else getattr(local, attr)
+        self._path = path
+        self._local = resolve(_skeleton_on_meta(wrapper.published), path)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._remote("__call__", args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_wrapper", "_attr", "_local"):
+        if name.startswith("__") or name in ("_wrapper", "_path", "_local"):
             raise AttributeError(name)
         if name in self._wrapper.method_names:
             return lambda *args, **kwargs: self._remote(name, args, kwargs)
@@ -124,10 +130,10 @@ class TaskModel:
         if method not in self._wrapper.method_names:
             raise AttributeError(f"{method!r} is not in method_names {self._wrapper.method_names}")
         task = _run_method.options(**self._wrapper.ray_options)
-        return ray.get(task.remote(self._wrapper.published, self._attr, method, args, kwargs))
+        return ray.get(task.remote(self._wrapper.published, self._path, method, args, kwargs))
 
     def __repr__(self) -> str:
-        return f"TaskModel({self._wrapper.published.name!r}, attr={self._attr!r})"
+        return f"TaskModel({self._wrapper.published.name!r}, path={self._path!r})"
 
 
 #: Attached models per worker process, so each task reuses the mapping.
@@ -135,14 +141,29 @@ _ATTACHED: dict[tuple[str, str], Any] = {}
 
 
 @ray.remote
-def _run_method(published: PublishedModel, attr: str | None, method: str, args: Any, kwargs: Any) -> Any:
+def _run_method(published: PublishedModel, path: str, method: str, args: Any, kwargs: Any) -> Any:
     key = (published.name, published.refs[0].hex() if published.refs else "")
     obj = _ATTACHED.get(key)
     if obj is None:
         obj = _ATTACHED[key] = attach(published)
-    target = obj if attr is None else getattr(obj, attr)
+        for _, module in _models_in(obj):
+            module.eval()
     with torch.no_grad():
-        return getattr(target, method)(*args, **kwargs)
+        return getattr(resolve(obj, path), method)(*args, **kwargs)
+
+
+def _models_in(obj: Any) -> list[tuple[str, nn.Module]]:
+    """The outermost modules of a model (itself) or of a pipeline, with their paths."""
+    return [(path, leaf) for path, leaf in reachable(obj) if isinstance(leaf, nn.Module)]
+
+
+def _replace(parent: Any, key: str, value: Any) -> None:
+    if isinstance(parent, dict):
+        parent[next(k for k in parent if str(k) == key)] = value
+    elif isinstance(parent, list):
+        parent[int(key)] = value
+    else:
+        setattr(parent, key, value)
 
 
 def _skeleton_on_meta(published: PublishedModel) -> Any:
