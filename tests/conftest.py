@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,5 @@ def published(ray_session: None) -> Iterator[list]:
     names: list = []
     yield names
     for item in names:
-        try:
+        with contextlib.suppress(zc.WeightsNotFoundError):
             zc.release(item)
-        except zc.WeightsNotFoundError:
-            pass

@@ -249,11 +249,11 @@ def _byte_span(tensors: list[torch.Tensor]) -> tuple[int, int]:
     starts, ends = [], []
     for t in tensors:
         begin = t.storage_offset() * t.element_size()
-        extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
         starts.append(begin)
         ends.append(begin + extent * t.element_size())
-    start = min(starts) // _ALIGN * _ALIGN
-    return start, max(max(ends), start)
+    start = int(min(starts)) // _ALIGN * _ALIGN
+    return start, int(max(max(ends), start))
 
 
 def _byte_view(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -264,7 +264,7 @@ def _byte_view(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return view.set_(storage, start, (end - start,), (1,))
 
 
-class _SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
+class _SkeletonPickler(cloudpickle.Pickler):
     """Pickles the object graph with tensors as references into the manifest."""
 
     def __init__(self, file: io.BytesIO, builder: _RecordBuilder) -> None:

@@ -137,6 +137,8 @@ def lookup(name: str, *, namespace: str = NAMESPACE) -> PublishedModel:
             f"(zerocopy_runtime.publish(model, name={name!r})) or check the name; they may have been released."
         ) from None
     try:
+        manifest: Manifest | None
+        refs: list[ray.ObjectRef]
         manifest, refs = ray.get(owner.describe.remote())
     except ray.exceptions.RayActorError:
         raise WeightsNotFoundError(
@@ -334,7 +336,7 @@ def _params_on_meta() -> Any:
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

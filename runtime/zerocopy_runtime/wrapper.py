@@ -87,14 +87,14 @@ class ModelWrapper(Generic[T]):
             loaded = attach(self.published, device=device)
             for _, module in _models_in(loaded):
                 module.eval()
-            return loaded  # type: ignore[no-any-return]
+            return loaded
         if self.published.manifest.kind == "module":
             return TaskModel(self, "")  # type: ignore[return-value]
         pipeline = _skeleton_on_meta(self.published)
         for path, _ in _models_in(pipeline):
             parent, _, leaf = path.rpartition(".")
             _replace(resolve(pipeline, parent), leaf, TaskModel(self, path))
-        return pipeline  # type: ignore[no-any-return]
+        return pipeline
 
     def release(self) -> None:
         """Free the published weights (attached processes keep their pages until they let go)."""

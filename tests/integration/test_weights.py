@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+import zerocopy_runtime as zc
 from safetensors.torch import save_file
 from torch import nn
+from zerocopy_runtime._store import local_store_usage
 
-import zerocopy_runtime as zc
 from tests.conftest import ROOT, STORE_BYTES
 from tests.helpers import same_bits
 from tests.models import MLP, ConvNet, Sized, TinyTransformer
 from tests.unit.test_checkpoint import ALL_DTYPES, _sample
-from zerocopy_runtime._store import local_store_usage
 
 pytestmark = pytest.mark.integration
 
@@ -221,12 +221,14 @@ def test_restarted_replica_reattaches_to_the_same_objects(published: list) -> No
     handle = _publish(published, MLP(), name="restart")
     replica = Replica.remote("restart")
     pid, refs, shared = ray.get(replica.info.remote())
-    assert shared and refs == [r.hex() for r in handle.refs]
+    assert shared
+    assert refs == [r.hex() for r in handle.refs]
     replica.crash.remote()
     _wait_for(lambda: _pid_after_restart(replica, pid), "the replica to restart")
     new_pid, new_refs, shared = ray.get(replica.info.remote())
     assert new_pid != pid
-    assert new_refs == refs and shared
+    assert new_refs == refs
+    assert shared
 
 
 def _pid_after_restart(replica, old_pid: int) -> bool:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import ray
 import torch
+import zerocopy_runtime as zc
 from ray.data import ActorPoolStrategy
 
-import zerocopy_runtime as zc
 from tests.helpers import same_bits
 from tests.models import MLP, Introspective, Pipeline, Sized, TinyTransformer
 
@@ -55,7 +55,9 @@ def test_for_tasks_returns_the_stand_in_directly(ray_session: None) -> None:
 
 
 def test_task_workers_attach_once_and_honour_resources(wrappers: list) -> None:
-    wrapper = _wrap(wrappers, Introspective(), mode="task", method_names=("__call__", "whoami", "resources"), num_cpus=0.5)
+    wrapper = _wrap(
+        wrappers, Introspective(), mode="task", method_names=("__call__", "whoami", "resources"), num_cpus=0.5
+    )
     remote = wrapper.load()
     seen: dict[int, set[int]] = {}
     for _ in range(6):
@@ -131,7 +133,8 @@ def test_ray_data_actor_pool_shares_the_model(wrappers: list) -> None:
         batch_size=8,
         batch_format="numpy",
     ).take_all()
-    assert len(out) == 64 and all(r["shared"] for r in out)
+    assert len(out) == 64
+    assert all(r["shared"] for r in out)
     got = np.stack([r["y"] for r in out])
     with torch.no_grad():
         expected = model(torch.from_numpy(rows)).numpy()
@@ -147,7 +150,8 @@ def test_pipeline_shares_every_reachable_model_in_actor_mode(wrappers: list) -> 
     assert pipe.property_reads == 0
     loaded = wrapper.load()
     report = zc.attach_report(loaded)
-    assert report.in_object_store and report.tensor_count == len(names)
+    assert report.in_object_store
+    assert report.tensor_count == len(names)
     assert loaded.threshold == 0.5
     x = torch.randn(5, 16)
     with torch.no_grad():
@@ -169,7 +173,8 @@ def test_model_attr_names_shares_only_those_models(wrappers: list) -> None:
     pipe = Pipeline()
     wrapper = _wrap(wrappers, pipe, model_attr_names=["encoder"])
     names = {n for r in wrapper.published.manifest.tensors for n in r.names}
-    assert names and all(n.startswith("encoder.") for n in names)
+    assert names
+    assert all(n.startswith("encoder.") for n in names)
     loaded = wrapper.load()
     x = torch.randn(2, 16)
     with torch.no_grad():

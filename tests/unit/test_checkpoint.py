@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from tests.helpers import same_bits
 from zerocopy_runtime import CheckpointError
 from zerocopy_runtime._checkpoint import load_mapped
+
+from tests.helpers import same_bits
 
 pytestmark = pytest.mark.unit
 
@@ -78,7 +78,7 @@ def test_garbage_torch_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_empty_directory_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         load_mapped(tmp_path)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
-from tests.models import Pipeline, TinyTransformer
 from zerocopy_runtime import UnsupportedWeightsError
 from zerocopy_runtime._collect import collect
 from zerocopy_runtime._owner import plan_chunks
+
+from tests.models import Pipeline, TinyTransformer
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +58,8 @@ def test_pipeline_walk_reaches_private_and_nested_modules_without_properties() -
 
 def test_only_limits_sharing_to_named_attributes() -> None:
     names = {n for r in collect(Pipeline(), only=["encoder"]).records for n in r.names}
-    assert names and all(n.startswith("encoder.") for n in names)
+    assert names
+    assert all(n.startswith("encoder.") for n in names)
 
 
 def test_only_rejects_attributes_that_are_not_models() -> None:
@@ -90,7 +91,7 @@ def test_tensor_subclass_is_refused() -> None:
 
 
 def test_torchscript_is_refused_with_the_fix() -> None:
-    with pytest.raises(UnsupportedWeightsError, match="eager nn.Module"):
+    with pytest.raises(UnsupportedWeightsError, match=r"eager nn\.Module"):
         collect(torch.jit.script(nn.Linear(2, 2)))
 
 
