@@ -7,6 +7,7 @@ from ._errors import (
     WeightsNotFoundError,
     ZeroCopyError,
 )
+from .memory import pss_bytes, total_pss
 from .weights import AttachReport, PublishedModel, attach, attach_report, lookup, publish, release
 from .wrapper import ModelWrapper, TaskModel
 
@@ -23,6 +24,8 @@ __all__ = [
     "attach",
     "attach_report",
     "lookup",
+    "pss_bytes",
     "publish",
     "release",
+    "total_pss",
 ]

@@ -8,6 +8,7 @@ whose store it fills.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ._collect import collect
 from ._errors import ObjectStoreFullError
 from ._guard import PAGE
 from ._manifest import Manifest, StorageRecord
+from ._spool import read_spooled
 from ._store import format_bytes, local_store_usage
 
 NAMESPACE = "zerocopy"
@@ -84,9 +86,12 @@ class WeightOwner:
         self._chunks: list[ray.ObjectRef] = []
         self._manifest: Manifest | None = None
 
-    def adopt(self, wrapped: list[ray.ObjectRef]) -> None:
-        """Re-create a publisher's chunk as an object owned by this actor."""
-        self._chunks.append(ray.put(ray.get(wrapped[0])))
+    def adopt_spooled(self, path: str, placed: list[tuple[int, int]]) -> None:
+        """Copy one chunk from the publisher's spool file into the store, as an object this actor owns."""
+        mapped, arrays = read_spooled(path, placed)
+        self._chunks.append(ray.put(chunk_payload(arrays)))
+        del arrays
+        mapped.close()
 
     def seal(self, manifest: Manifest) -> None:
         self._manifest = manifest
@@ -109,8 +114,8 @@ class WeightOwner:
             metadata={"source": str(Path(path).resolve())},
         )
 
-    def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef]]:
-        return self._manifest, list(self._chunks)
+    def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int]:
+        return self._manifest, list(self._chunks), os.getpid()
 
 
 def start_owner(name: str, namespace: str) -> Any:

@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from . import _guard
-from ._collect import PERSISTENT_TAG, collect
+from ._collect import PERSISTENT_TAG, Collected, collect
 from ._errors import CheckpointError, WeightsNotFoundError, ZeroCopyError
 from ._manifest import DTYPES, Manifest, StorageRecord, TensorRecord
-from ._owner import NAMESPACE, actor_name, check_room, chunk_payload, plan_chunks, start_owner
+from ._owner import NAMESPACE, actor_name, check_room, plan_chunks, start_owner
+from ._spool import Spool, layout
 from ._store import all_inside_store
 
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class PublishedModel:
     namespace: str
     manifest: Manifest
     refs: tuple[ray.ObjectRef, ...]
+    owner_pid: int
 
     @property
     def nbytes(self) -> int:
@@ -95,9 +97,7 @@ def publish(
     if collected is not None:
         sizes = [s.numel() for s in collected.storages]
         chunks = plan_chunks(sizes, chunk_bytes)
-        largest = max(sum(sizes[i] for i in c) for c in chunks)
-        # The publisher's copy of one chunk exists until the owner has re-created it.
-        check_room(sum(sizes) + largest + 2 * _guard.PAGE * len(chunks), f"Model {name!r}")
+        check_room(sum(sizes) + 2 * _guard.PAGE * len(chunks), f"Model {name!r}")
     owner = start_owner(name, namespace)
     try:
         if collected is None:
@@ -110,13 +110,22 @@ def publish(
     return lookup(name, namespace=namespace)
 
 
-def _hand_over(owner: Any, collected: Any, chunks: list[list[int]], sizes: list[int]) -> None:
+def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes: list[int]) -> None:
+    """Fill one spool buffer while the owner copies the other into the store."""
     storages: list[StorageRecord] = []
-    for c, members in enumerate(chunks):
-        ref = ray.put(chunk_payload([collected.storages[i].numpy() for i in members]))
-        ray.get(owner.adopt.remote([ref]))
-        del ref
-        storages += [StorageRecord(c, j + 1, sizes[i]) for j, i in enumerate(members)]
+    spool = Spool(max(layout([sizes[i] for i in members])[1] for members in chunks))
+    pending: list[Any] = [None, None]
+    try:
+        for c, members in enumerate(chunks):
+            slot = c % 2
+            if pending[slot] is not None:
+                ray.get(pending[slot])
+            placed = spool.fill(slot, [collected.storages[i] for i in members])
+            pending[slot] = owner.adopt_spooled.remote(spool.paths[slot], placed)
+            storages += [StorageRecord(c, j + 1, sizes[i]) for j, i in enumerate(members)]
+        ray.get([p for p in pending if p is not None])
+    finally:
+        spool.close()
     manifest = Manifest(
         tensors=tuple(collected.records),
         storages=tuple(storages),
@@ -139,14 +148,15 @@ def lookup(name: str, *, namespace: str = NAMESPACE) -> PublishedModel:
     try:
         manifest: Manifest | None
         refs: list[ray.ObjectRef]
-        manifest, refs = ray.get(owner.describe.remote())
+        pid: int
+        manifest, refs, pid = ray.get(owner.describe.remote())
     except ray.exceptions.RayActorError:
         raise WeightsNotFoundError(
             f"The owner of weights {name!r} has died or was released: publish them again."
         ) from None
     if manifest is None:
         raise WeightsNotFoundError(f"Weights {name!r} are still being published; retry once publish() has returned.")
-    return PublishedModel(name, namespace, manifest, tuple(refs))
+    return PublishedModel(name, namespace, manifest, tuple(refs), pid)
 
 
 def release(model: PublishedModel | str, *, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:

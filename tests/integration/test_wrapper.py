@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import ray
 import torch
-import zerocopy_runtime as zc
 from ray.data import ActorPoolStrategy
 
+import zerocopy_runtime as zc
 from tests.helpers import same_bits
 from tests.models import MLP, Introspective, Pipeline, Sized, TinyTransformer
 

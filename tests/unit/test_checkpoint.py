@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from zerocopy_runtime import CheckpointError
-from zerocopy_runtime._checkpoint import load_mapped
 
 from tests.helpers import same_bits
+from zerocopy_runtime import CheckpointError
+from zerocopy_runtime._checkpoint import load_mapped
 
 pytestmark = pytest.mark.unit
 

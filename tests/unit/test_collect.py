@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+
+from tests.models import Pipeline, TinyTransformer
 from zerocopy_runtime import UnsupportedWeightsError
 from zerocopy_runtime._collect import collect
 from zerocopy_runtime._owner import plan_chunks
-
-from tests.models import Pipeline, TinyTransformer
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,78 @@
+"""Hand a module's bytes from the publisher to the owner actor through two reusable buffers.
+
+Ray objects die with the process that created them, so the owner must
+create them; the bytes get there through shared-memory files. Going
+through `ray.put` in the publisher instead would leave that transient copy's
+pages resident in the object store (freed objects keep their pages), about
+doubling the store's footprint. Two buffers let the publisher fill one while
+the owner copies the other into the store, and are unlinked when done.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_ALIGN = 64
+
+
+def layout(sizes: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """(offset, nbytes) of each storage in a buffer, 64-byte aligned, and the buffer size."""
+    placed, end = [], 0
+    for size in sizes:
+        placed.append((end, size))
+        end += -(-size // _ALIGN) * _ALIGN
+    return placed, max(end, 1)
+
+
+class Spool:
+    """Two shared-memory files of `size` bytes, in /dev/shm when it has room."""
+
+    def __init__(self, size: int) -> None:
+        folder = _folder(2 * size)
+        token = uuid.uuid4().hex[:12]
+        self.paths = [str(folder / f"zerocopy-spool-{token}-{i}") for i in range(2)]
+        self._maps: list[mmap.mmap] = []
+        for path in self.paths:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                self._maps.append(mmap.mmap(fd, size))
+            finally:
+                os.close(fd)
+
+    def fill(self, slot: int, storages: list[torch.Tensor]) -> list[tuple[int, int]]:
+        placed, _ = layout([s.numel() for s in storages])
+        buffer = np.frombuffer(self._maps[slot], dtype=np.uint8)
+        for (offset, size), storage in zip(placed, storages, strict=True):
+            buffer[offset : offset + size] = storage.numpy()
+        del buffer
+        return placed
+
+    def close(self) -> None:
+        for path, mapped in zip(self.paths, self._maps, strict=False):
+            mapped.close()
+            Path(path).unlink(missing_ok=True)
+
+
+def read_spooled(path: str, placed: list[tuple[int, int]]) -> tuple[mmap.mmap, list[np.ndarray]]:
+    """Map a spool file read-only (in the owner) and view its storages."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    buffer = np.frombuffer(mapped, dtype=np.uint8)
+    return mapped, [buffer[offset : offset + size] for offset, size in placed]
+
+
+def _folder(needed: int) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        stats = os.statvfs(shm)
+        if stats.f_bavail * stats.f_frsize >= needed:
+            return shm
+    return Path(tempfile.gettempdir())

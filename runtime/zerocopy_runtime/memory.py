@@ -1,0 +1,24 @@
+"""Memory as the kernel accounts it, so that sharing can be shown rather than claimed.
+
+PSS (proportional set size) charges each shared page to its N mappers at
+1/N each: summed over every process that holds a model, it is the real
+memory cost, which RSS (counting shared pages once per process) overstates.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size of a process (this one by default), from /proc/<pid>/smaps_rollup."""
+    with open(f"/proc/{pid or os.getpid()}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line; is this Linux 4.14 or newer?")
+
+
+def total_pss(pids: list[int]) -> int:
+    """Summed PSS of several processes: what they cost together."""
+    return sum(pss_bytes(pid) for pid in pids)
