@@ -8,6 +8,7 @@ grows with the number of tensors, not with their size.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -15,7 +16,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,11 @@ from ._manifest import DTYPES, Manifest, StorageRecord, TensorRecord
 from ._owner import NAMESPACE, actor_name, check_room, plan_chunks, start_owner
 from ._spool import Spool, layout
 from ._store import all_inside_store
+
+# Ray's arrays are read-only views and torch warns about each one; the page protection is
+# what stops writes. A filter scoped to this module: `catch_warnings` around the calls
+# would reset the once-only registry and make every call take the slow warning path.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -203,6 +209,30 @@ def attach(
     kills this process (SIGSEGV) instead of corrupting every other replica.
     """
     handle = model if isinstance(model, PublishedModel) else lookup(model, namespace=namespace)
+    with _gc_paused():
+        return _attach(handle, factory, device, write_guard, strict)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Attach makes thousands of small objects; in a worker with torch and Ray loaded that
+    triggers a full cyclic-GC pass (~100 ms here), longer than the whole attach."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _attach(
+    handle: PublishedModel,
+    factory: Callable[[], nn.Module] | None,
+    device: str | torch.device,
+    write_guard: bool,
+    strict: bool,
+) -> Any:
     started = time.perf_counter()
     manifest = handle.manifest
     chunk_arrays = ray.get(list(handle.refs))
@@ -263,39 +293,37 @@ def move_to(obj: Any, device: str | torch.device) -> Any:
 
 
 class _Region:
-    """One store object's buffers; write-protected while any tensor views them.
+    """One store object's buffers, write-protected while any of its storages is alive.
 
-    Storages are slices of a numpy view whose base is this object, so it dies
-    exactly when the last tensor does; that is when writes are re-enabled,
-    before Ray may reuse the pages. (The view must not be kept on `self`:
-    numpy arrays are invisible to the cycle collector, so that cycle would
-    never be freed.)
+    Each storage is `torch.from_numpy` of the array Ray returned (so Ray's own
+    buffer keeps the pages mapped); the guard counts those arrays and lifts
+    the protection when the last one dies, before Ray may reuse the pages.
     """
 
     def __init__(self, arrays: list[np.ndarray], guard: bool) -> None:
         self._arrays = arrays
-        self._start = arrays[0].ctypes.data
-        end = arrays[-1].ctypes.data + arrays[-1].nbytes
-        self.__array_interface__ = {
-            "shape": (end - self._start,),
-            "typestr": "|u1",
-            "data": (self._start, True),
-            "version": 3,
-        }
-        if guard:
-            pages = _guard.inner_pages(self._start, end)
-            _guard.acquire(*pages)
-            weakref.finalize(self, _guard.release, *pages)
+        self._pages = _guard.inner_pages(arrays[0].ctypes.data, arrays[-1].ctypes.data + arrays[-1].nbytes)
+        self._guard = guard
+        self._alive = 0
 
     def storages(self, records: Sequence[StorageRecord]) -> list[torch.UntypedStorage]:
-        view = np.asarray(self)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return [self._slice(view, rec).untyped_storage() for rec in records]
+        out = []
+        for rec in records:
+            array = self._arrays[rec.index]
+            out.append(torch.from_numpy(array).untyped_storage())
+            if self._guard:
+                self._alive += 1
+                weakref.finalize(array, self._drop)
+        if self._guard and self._alive:
+            _guard.acquire(*self._pages)
+        # The finalizers hold this object: holding the arrays too would keep them alive forever.
+        self._arrays = []
+        return out
 
-    def _slice(self, view: np.ndarray, rec: StorageRecord) -> torch.Tensor:
-        offset = self._arrays[rec.index].ctypes.data - self._start
-        return torch.from_numpy(view[offset : offset + rec.nbytes])
+    def _drop(self) -> None:
+        self._alive -= 1
+        if self._alive == 0:
+            _guard.release(*self._pages)
 
 
 def _tensor(rec: TensorRecord, storage: torch.UntypedStorage) -> torch.Tensor:
