@@ -12,10 +12,10 @@ import struct
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ._errors import CheckpointError
+from ._spool import map_file
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -61,7 +61,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     size = file.stat().st_size
-    raw = np.memmap(file, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    raw = map_file(file)
     tensors = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

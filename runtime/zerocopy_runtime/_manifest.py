@@ -80,6 +80,8 @@ class Manifest:
     skeleton: bytes | None = None
     kind: str = "module"
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Seconds spent copying the bytes into the store (owner start-up excluded).
+    publish_seconds: float = 0.0
 
     @property
     def nbytes(self) -> int:

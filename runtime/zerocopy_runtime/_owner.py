@@ -9,6 +9,7 @@ whose store it fills.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ._collect import collect
 from ._errors import ObjectStoreFullError
 from ._guard import PAGE
 from ._manifest import Manifest, StorageRecord
-from ._spool import read_spooled
+from ._spool import map_file
 from ._store import format_bytes, local_store_usage
 
 NAMESPACE = "zerocopy"
@@ -85,19 +86,22 @@ class WeightOwner:
     def __init__(self) -> None:
         self._chunks: list[ray.ObjectRef] = []
         self._manifest: Manifest | None = None
+        self._spool: dict[str, np.ndarray] = {}
 
     def adopt_spooled(self, path: str, placed: list[tuple[int, int]]) -> None:
         """Copy one chunk from the publisher's spool file into the store, as an object this actor owns."""
-        mapped, arrays = read_spooled(path, placed)
-        self._chunks.append(ray.put(chunk_payload(arrays)))
-        del arrays
-        mapped.close()
+        if path not in self._spool:
+            self._spool[path] = map_file(path)  # mapped once, reused for every chunk
+        buffer = self._spool[path]
+        self._chunks.append(ray.put(chunk_payload([buffer[offset : offset + size] for offset, size in placed])))
 
     def seal(self, manifest: Manifest) -> None:
         self._manifest = manifest
+        self._spool.clear()
 
     def publish_checkpoint(self, path: str, chunk_bytes: int) -> None:
         """Read a checkpoint in this process, straight from its mapped pages into the store."""
+        started = time.perf_counter()
         collected = collect(load_mapped(path))
         sizes = [s.numel() for s in collected.storages]
         check_room(sum(sizes) + 2 * PAGE * len(sizes), f"Checkpoint {path!r}")
@@ -112,6 +116,7 @@ class WeightOwner:
             chunk_count=len(self._chunks),
             kind=collected.kind,
             metadata={"source": str(Path(path).resolve())},
+            publish_seconds=time.perf_counter() - started,
         )
 
     def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int]:

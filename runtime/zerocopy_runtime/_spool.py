@@ -61,12 +61,18 @@ class Spool:
             Path(path).unlink(missing_ok=True)
 
 
-def read_spooled(path: str, placed: list[tuple[int, int]]) -> tuple[mmap.mmap, list[np.ndarray]]:
-    """Map a spool file read-only (in the owner) and view its storages."""
+def map_file(path: str | Path) -> np.ndarray:
+    """A whole file as a read-only byte array, its pages mapped in one call.
+
+    MAP_POPULATE maps the (cached) pages up front: faulting them in one by one
+    costs more than copying them.
+    """
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-    buffer = np.frombuffer(mapped, dtype=np.uint8)
-    return mapped, [buffer[offset : offset + size] for offset, size in placed]
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return np.zeros(0, dtype=np.uint8)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return np.frombuffer(mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ), dtype=np.uint8)
 
 
 def _folder(needed: int) -> Path:

@@ -109,6 +109,7 @@ def publish(
         if collected is None:
             ray.get(owner.publish_checkpoint.remote(str(Path(source)), chunk_bytes))
         else:
+            ray.get(owner.describe.remote())  # started: the copy timing excludes process start-up
             _hand_over(owner, collected, chunks, sizes)
     except BaseException:
         ray.kill(owner)
@@ -118,6 +119,7 @@ def publish(
 
 def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes: list[int]) -> None:
     """Fill one spool buffer while the owner copies the other into the store."""
+    started = time.perf_counter()
     storages: list[StorageRecord] = []
     spool = Spool(max(layout([sizes[i] for i in members])[1] for members in chunks))
     pending: list[Any] = [None, None]
@@ -138,6 +140,7 @@ def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes:
         chunk_count=len(chunks),
         skeleton=collected.skeleton,
         kind=collected.kind,
+        publish_seconds=time.perf_counter() - started,
     )
     ray.get(owner.seal.remote(manifest))
 
