@@ -46,3 +46,14 @@ def published(ray_session: None) -> Iterator[list]:
     for item in names:
         with contextlib.suppress(zc.WeightsNotFoundError):
             zc.release(item)
+
+
+@pytest.fixture
+def actors(ray_session: None) -> Iterator[list]:
+    """Actors started by a test, killed afterwards so they free their CPUs and mappings."""
+    import ray
+
+    started: list = []
+    yield started
+    for actor in started:
+        ray.kill(actor)

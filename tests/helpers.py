@@ -12,3 +12,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(
         a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8)
     )
+
+
+ALL_DTYPES = [
+    torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.int8, torch.int64, torch.bool, torch.complex64, torch.uint8, torch.float64,
+]  # fmt: skip
+
+
+def sample(dtype: torch.dtype) -> torch.Tensor:
+    """A 3x5 tensor of `dtype` with varied values (signs, fractions, imaginary parts)."""
+    raw = torch.randn(3, 5) * 4
+    if dtype == torch.bool:
+        return raw > 0
+    if dtype == torch.complex64:
+        return torch.complex(raw, -raw)
+    return raw.to(dtype)

@@ -12,6 +12,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._errors import CheckpointError
@@ -55,8 +56,10 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         with file.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > file.stat().st_size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file size")
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, struct.error, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
         raise CheckpointError(f"Cannot read safetensors header of {str(file)!r}: {exc}. Is the file complete?") from exc
     header.pop("__metadata__", None)
     data_start = 8 + header_len
@@ -66,15 +69,22 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, info in header.items():
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"Tensor {name!r} in {str(file)!r} has unsupported dtype {info['dtype']}.")
-            begin, end = (data_start + o for o in info["data_offsets"])
-            if end > size:
-                raise CheckpointError(f"Tensor {name!r} runs past the end of {str(file)!r}: the file is truncated.")
-            raw_bytes = torch.from_numpy(raw[begin:end]) if end > begin else torch.empty(0, dtype=torch.uint8)
-            tensors[name] = raw_bytes.view(dtype).reshape(info["shape"])
+            try:
+                tensors[name] = _tensor_at(raw, data_start, size, info)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"Tensor {name!r} in {str(file)!r}: {exc}") from exc
     return tensors
+
+
+def _tensor_at(raw: np.ndarray, data_start: int, size: int, info: dict) -> torch.Tensor:
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {info['dtype']}")
+    begin, end = (data_start + o for o in info["data_offsets"])
+    if end > size:
+        raise ValueError("its bytes run past the end of the file: the file is truncated")
+    raw_bytes = torch.from_numpy(raw[begin:end]) if end > begin else torch.empty(0, dtype=torch.uint8)
+    return raw_bytes.view(dtype).reshape(info["shape"])
 
 
 def _load_torch(file: Path) -> dict[str, torch.Tensor]:

@@ -20,10 +20,9 @@ from ray import cloudpickle
 from torch import nn
 
 from ._errors import UnsupportedWeightsError
+from ._manifest import ALIGN as _ALIGN
 from ._manifest import DTYPES, TensorRecord, dtype_name
 
-#: Trimmed storages start on this boundary so every dtype stays aligned.
-_ALIGN = 64
 PERSISTENT_TAG = "zerocopy.tensor"
 
 
@@ -118,6 +117,28 @@ def resolve(root: Any, path: str) -> Any:
         else:
             obj = getattr(obj, part)
     return obj
+
+
+def models_in(obj: Any) -> list[tuple[str, nn.Module]]:
+    """The outermost modules of a model (itself) or of a pipeline, with their paths."""
+    return [(path, leaf) for path, leaf in reachable(obj) if isinstance(leaf, nn.Module)]
+
+
+def replace_at(root: Any, path: str, value: Any) -> None:
+    """Put `value` where `path` (from `reachable`) points: an attribute, a dict entry or a list item."""
+    parent_path, _, key = path.rpartition(".")
+    parent = resolve(root, parent_path)
+    if isinstance(parent, Mapping):
+        parent[next(k for k in parent if str(k) == key)] = value  # type: ignore[index]
+    elif isinstance(parent, list):
+        parent[int(key)] = value
+    elif isinstance(parent, (tuple, set, frozenset)):
+        raise TypeError(
+            f"The model at {path!r} sits in a {type(parent).__name__}, which cannot be changed in place; "
+            "keep pipeline models in attributes, lists or dicts to use task mode."
+        )
+    else:
+        setattr(parent, key, value)
 
 
 def _walk(obj: Any, path: str, seen: set[int] | None = None) -> Iterator[_Named]:
@@ -222,11 +243,13 @@ class _RecordBuilder:
                 storage_of[key] = len(groups)
                 groups.append([])
             groups[storage_of[key]].append(i)
-        records: list[TensorRecord | None] = [None] * len(self._tensors)
+        records: dict[int, TensorRecord] = {}
         storages: list[torch.Tensor] = []
         for s, members in enumerate(groups):
             start, end = _byte_span([self._tensors[i] for i in members])
-            storages.append(_byte_view(self._tensors[members[0]], start, end))
+            # Views of one allocation may report storages of different lengths: take the longest.
+            widest = max(members, key=lambda i: self._tensors[i].untyped_storage().nbytes())
+            storages.append(_byte_view(self._tensors[widest], start, end))
             for i in members:
                 t = self._tensors[i]
                 offset_bytes = t.storage_offset() * t.element_size() - start
@@ -241,7 +264,7 @@ class _RecordBuilder:
                     requires_grad=t.requires_grad,
                     persistent=self._persistent[i],
                 )
-        return [r for r in records if r is not None], storages
+        return [records[i] for i in range(len(self._tensors))], storages
 
 
 def _byte_span(tensors: list[torch.Tensor]) -> tuple[int, int]:

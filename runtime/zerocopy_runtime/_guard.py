@@ -13,6 +13,7 @@ import ctypes
 import faulthandler
 import mmap
 import os
+import threading
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -27,6 +28,8 @@ def inner_pages(start: int, end: int) -> tuple[int, int]:
 
 
 def set_read_only(start: int, end: int, read_only: bool) -> None:
+    """Change the protection of [start, end); also turns on faulthandler, so that a
+    guarded write's SIGSEGV prints the Python line that wrote."""
     if end <= start:
         return
     prot = mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE
@@ -34,24 +37,28 @@ def set_read_only(start: int, end: int, read_only: bool) -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"mprotect failed on the shared weights: {os.strerror(err)}")
     if read_only and not faulthandler.is_enabled():
-        # A guarded write ends in SIGSEGV; the Python traceback shows which line wrote.
         faulthandler.enable()
 
 
 _holders: dict[tuple[int, int], int] = {}
+# Finalizers may run on any thread, and mprotect releases the GIL: count under a lock.
+_lock = threading.Lock()
 
 
 def acquire(start: int, end: int) -> None:
-    """Protect a page range; ranges are counted so two attaches of one object share the guard."""
-    count = _holders.get((start, end), 0)
-    if count == 0:
-        set_read_only(start, end, True)
-    _holders[(start, end)] = count + 1
+    """Count one more holder of a page range; the first one protects it."""
+    with _lock:
+        count = _holders.get((start, end), 0)
+        if count == 0:
+            set_read_only(start, end, True)
+        _holders[(start, end)] = count + 1
 
 
 def release(start: int, end: int) -> None:
-    count = _holders.pop((start, end), 0) - 1
-    if count > 0:
-        _holders[(start, end)] = count
-    elif count == 0:
-        set_read_only(start, end, False)
+    """Count one holder less; the last one makes the pages writable again."""
+    with _lock:
+        count = _holders.pop((start, end), 0) - 1
+        if count > 0:
+            _holders[(start, end)] = count
+        elif count == 0:
+            set_read_only(start, end, False)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: Storages start on this boundary in spool buffers and in the store: every dtype is aligned.
+ALIGN = 64
+
 #: Every dtype is stored as raw bytes; this table maps names back on attach.
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d

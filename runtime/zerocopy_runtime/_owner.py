@@ -33,17 +33,6 @@ def actor_name(name: str) -> str:
     return _PREFIX + name
 
 
-def published_names(namespace: str = NAMESPACE) -> list[str]:
-    """Names of every model currently published in `namespace`."""
-    from ray.util import list_named_actors
-
-    return sorted(
-        a["name"].removeprefix(_PREFIX)
-        for a in list_named_actors(all_namespaces=True)
-        if a["namespace"] == namespace and a["name"].startswith(_PREFIX)
-    )
-
-
 def plan_chunks(sizes: list[int], chunk_bytes: int) -> list[list[int]]:
     """Group storages, in order, into store objects of about `chunk_bytes` each."""
     chunks: list[list[int]] = [[]]
@@ -57,15 +46,39 @@ def plan_chunks(sizes: list[int], chunk_bytes: int) -> list[list[int]]:
     return chunks
 
 
+#: Ray aligns out-of-band buffers of at least this size to 64 bytes, smaller ones to 8 only.
+_RAY_ALIGNED_BUFFER = 2048
+
+
 def chunk_payload(arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """Storages framed by one page of padding on each side.
+    """Storages framed by one page of padding on each side, each 64-byte aligned in the store.
 
     The padding guarantees that the whole pages covering the storages lie
     inside this object, so they can be write-protected without touching a
-    neighbouring object.
+    neighbouring object. Storages under 2 KiB are padded up to it (a small
+    copy) so that Ray aligns them like the rest: a 16-byte complex128 at an
+    8-byte boundary would be undefined behaviour.
     """
-    # Two distinct arrays: pickle would store one array listed twice only once.
-    return [np.zeros(PAGE, dtype=np.uint8), *arrays, np.zeros(PAGE, dtype=np.uint8)]
+    # Two distinct pads: pickle would store one array listed twice only once.
+    return [np.zeros(PAGE, dtype=np.uint8), *map(_aligned, arrays), np.zeros(PAGE, dtype=np.uint8)]
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    if array.nbytes >= _RAY_ALIGNED_BUFFER:
+        return array
+    padded = np.zeros(_RAY_ALIGNED_BUFFER, dtype=np.uint8)
+    padded[: array.nbytes] = array
+    return padded
+
+
+def store_bytes(sizes: list[int], chunks: list[list[int]]) -> int:
+    """Store memory that publishing these storages in these chunks takes, padding included."""
+    return sum(max(size, _RAY_ALIGNED_BUFFER) for size in sizes) + 2 * PAGE * len(chunks)
+
+
+def storage_records(sizes: list[int], chunks: list[list[int]]) -> list[StorageRecord]:
+    """Where each storage lands: buffer j + 1 of chunk c (buffer 0 is the leading pad)."""
+    return [StorageRecord(c, j + 1, sizes[i]) for c, members in enumerate(chunks) for j, i in enumerate(members)]
 
 
 def check_room(needed: int, what: str) -> None:
@@ -104,15 +117,13 @@ class WeightOwner:
         started = time.perf_counter()
         collected = collect(load_mapped(path))
         sizes = [s.numel() for s in collected.storages]
-        check_room(sum(sizes) + 2 * PAGE * len(sizes), f"Checkpoint {path!r}")
-        storages: list[StorageRecord] = []
-        for c, members in enumerate(plan_chunks(sizes, chunk_bytes)):
-            arrays = [collected.storages[i].numpy() for i in members]
-            self._chunks.append(ray.put(chunk_payload(arrays)))
-            storages += [StorageRecord(c, j + 1, sizes[i]) for j, i in enumerate(members)]
+        chunks = plan_chunks(sizes, chunk_bytes)
+        check_room(store_bytes(sizes, chunks), f"Checkpoint {path!r}")
+        for members in chunks:
+            self._chunks.append(ray.put(chunk_payload([collected.storages[i].numpy() for i in members])))
         self._manifest = Manifest(
             tensors=tuple(collected.records),
-            storages=tuple(storages),
+            storages=tuple(storage_records(sizes, chunks)),
             chunk_count=len(self._chunks),
             kind=collected.kind,
             metadata={"source": str(Path(path).resolve())},

@@ -10,6 +10,7 @@ the owner copies the other into the store, and are unlinked when done.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_ALIGN = 64
+from ._manifest import ALIGN as _ALIGN
 
 
 def layout(sizes: list[int]) -> tuple[list[tuple[int, int]], int]:
@@ -39,13 +40,12 @@ class Spool:
         token = uuid.uuid4().hex[:12]
         self.paths = [str(folder / f"zerocopy-spool-{token}-{i}") for i in range(2)]
         self._maps: list[mmap.mmap] = []
-        for path in self.paths:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                self._maps.append(mmap.mmap(fd, size))
-            finally:
-                os.close(fd)
+        try:
+            for path in self.paths:
+                self._maps.append(_create(path, size))
+        except BaseException:
+            self.close()
+            raise
 
     def fill(self, slot: int, storages: list[torch.Tensor]) -> list[tuple[int, int]]:
         placed, _ = layout([s.numel() for s in storages])
@@ -56,9 +56,23 @@ class Spool:
         return placed
 
     def close(self) -> None:
-        for path, mapped in zip(self.paths, self._maps, strict=False):
-            mapped.close()
+        """Unlink first: an interrupted `fill` may still export a view, and close() would raise."""
+        for path in self.paths:
             Path(path).unlink(missing_ok=True)
+        for mapped in self._maps:
+            with contextlib.suppress(BufferError):
+                mapped.close()
+
+
+def _create(path: str, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        # Reserve the pages now: on a full tmpfs this fails here with ENOSPC instead of
+        # killing the process with SIGBUS at the first write.
+        os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 def map_file(path: str | Path) -> np.ndarray:
@@ -76,6 +90,9 @@ def map_file(path: str | Path) -> np.ndarray:
 
 
 def _folder(needed: int) -> Path:
+    """$ZEROCOPY_SPOOL_DIR if set, else /dev/shm when it has room, else the temp folder."""
+    if os.environ.get("ZEROCOPY_SPOOL_DIR"):
+        return Path(os.environ["ZEROCOPY_SPOOL_DIR"])
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         stats = os.statvfs(shm)

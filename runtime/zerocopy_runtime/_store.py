@@ -29,7 +29,9 @@ def local_store_usage() -> StoreUsage:
     from ray._private.internal_api import node_stats
 
     node_id = ray.get_runtime_context().get_node_id()
-    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]), None)
+    if node is None:
+        raise RuntimeError(f"Ray lists no live node {node_id}: is this process connected to a running cluster?")
     stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
     store = stats.store_stats
     return StoreUsage(capacity=int(store.object_store_bytes_avail), used=int(store.object_store_bytes_used))

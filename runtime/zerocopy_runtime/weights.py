@@ -12,6 +12,7 @@ import gc
 import io
 import os
 import pickle
+import threading
 import time
 import uuid
 import warnings
@@ -28,10 +29,11 @@ import torch
 from torch import nn
 
 from . import _guard
-from ._collect import PERSISTENT_TAG, Collected, collect
+from ._checkpoint import checkpoint_files
+from ._collect import PERSISTENT_TAG, Collected, collect, models_in
 from ._errors import CheckpointError, WeightsNotFoundError, ZeroCopyError
 from ._manifest import DTYPES, Manifest, StorageRecord, TensorRecord
-from ._owner import NAMESPACE, actor_name, check_room, plan_chunks, start_owner
+from ._owner import NAMESPACE, actor_name, check_room, plan_chunks, start_owner, storage_records, store_bytes
 from ._spool import Spool, layout
 from ._store import all_inside_store
 
@@ -91,23 +93,32 @@ def publish(
     pipeline (the rest travels by value).
     """
     name = name or f"model-{uuid.uuid4().hex[:12]}"
+    taken = ZeroCopyError(
+        f"Weights named {name!r} are already published; release({name!r}) first or pick another name."
+    )
     try:
         ray.get_actor(actor_name(name), namespace=namespace)
     except ValueError:
         pass
     else:
-        raise ZeroCopyError(
-            f"Weights named {name!r} are already published; release({name!r}) first or pick another name."
-        )
-    collected = None if isinstance(source, (str, os.PathLike)) else collect(source, only)
-    if collected is not None:
+        raise taken
+    if isinstance(source, (str, os.PathLike)):
+        collected = None
+        checkpoint_files(Path(source))  # a bad path fails here, before any actor starts
+    else:
+        collected = collect(source, only)
+        if not collected.records:
+            raise ZeroCopyError(f"{type(source).__name__} holds no tensors: there is nothing to publish.")
         sizes = [s.numel() for s in collected.storages]
         chunks = plan_chunks(sizes, chunk_bytes)
-        check_room(sum(sizes) + 2 * _guard.PAGE * len(chunks), f"Model {name!r}")
-    owner = start_owner(name, namespace)
+        check_room(store_bytes(sizes, chunks), f"Model {name!r}")
+    try:
+        owner = start_owner(name, namespace)
+    except ValueError as exc:  # another publisher took the name in between
+        raise taken from exc
     try:
         if collected is None:
-            ray.get(owner.publish_checkpoint.remote(str(Path(source)), chunk_bytes))
+            ray.get(owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes))
         else:
             ray.get(owner.describe.remote())  # started: the copy timing excludes process start-up
             _hand_over(owner, collected, chunks, sizes)
@@ -120,7 +131,6 @@ def publish(
 def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes: list[int]) -> None:
     """Fill one spool buffer while the owner copies the other into the store."""
     started = time.perf_counter()
-    storages: list[StorageRecord] = []
     spool = Spool(max(layout([sizes[i] for i in members])[1] for members in chunks))
     pending: list[Any] = [None, None]
     try:
@@ -130,13 +140,12 @@ def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes:
                 ray.get(pending[slot])
             placed = spool.fill(slot, [collected.storages[i] for i in members])
             pending[slot] = owner.adopt_spooled.remote(spool.paths[slot], placed)
-            storages += [StorageRecord(c, j + 1, sizes[i]) for j, i in enumerate(members)]
         ray.get([p for p in pending if p is not None])
     finally:
         spool.close()
     manifest = Manifest(
         tensors=tuple(collected.records),
-        storages=tuple(storages),
+        storages=tuple(storage_records(sizes, chunks)),
         chunk_count=len(chunks),
         skeleton=collected.skeleton,
         kind=collected.kind,
@@ -208,6 +217,8 @@ def attach(
     With `factory`, it is called with parameters on the meta device and every
     parameter and buffer is pointed at its published bytes (names, shapes and
     dtypes must match, as in `load_state_dict(strict=True)`).
+    `strict=False` tolerates published tensors the architecture does not use
+    (missing or mismatched ones are always errors).
     `write_guard` maps the pages read-only: a write through a weight then
     kills this process (SIGSEGV) instead of corrupting every other replica.
     """
@@ -239,9 +250,11 @@ def _attach(
     started = time.perf_counter()
     manifest = handle.manifest
     chunk_arrays = ray.get(list(handle.refs))
+    by_chunk: list[list[StorageRecord]] = [[] for _ in chunk_arrays]
+    for record in manifest.storages:
+        by_chunk[record.chunk].append(record)
     storages: list[torch.UntypedStorage] = []
-    for chunk, arrays in enumerate(chunk_arrays):
-        records = [s for s in manifest.storages if s.chunk == chunk]
+    for arrays, records in zip(chunk_arrays, by_chunk, strict=True):
         storages += _Region(arrays, write_guard).storages(records)
     tensors = [_tensor(rec, storages[rec.storage]) for rec in manifest.tensors]
     if factory is not None:
@@ -272,7 +285,10 @@ def attach_report(obj: Any) -> AttachReport:
     try:
         return _REPORTS[id(obj)]
     except KeyError:
-        raise ZeroCopyError("This object was not produced by zerocopy_runtime.attach().") from None
+        raise ZeroCopyError(
+            "No attach report for this object: it was not produced by zerocopy_runtime.attach(), "
+            "or it cannot be weakly referenced (a plain dict of tensors), so no report is kept for it."
+        ) from None
 
 
 def _remember(obj: Any, report: AttachReport) -> None:
@@ -284,14 +300,16 @@ def _remember(obj: Any, report: AttachReport) -> None:
 
 
 def move_to(obj: Any, device: str | torch.device) -> Any:
-    """Move a module, a dict of tensors, or every module attribute of a pipeline to `device`."""
+    """Move a module, a dict of tensors, or every model reachable from a pipeline to `device`.
+
+    Moving makes private copies on the device; the shared bytes stay as they are.
+    """
     if isinstance(obj, nn.Module):
         return obj.to(device)
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {k: v.to(device) for k, v in obj.items()}
-    for key, value in vars(obj).items():
-        if isinstance(value, nn.Module):
-            setattr(obj, key, value.to(device))
+    for _, module in models_in(obj):
+        module.to(device)  # in place: nn.Module.to returns the same object
     return obj
 
 
@@ -299,34 +317,25 @@ class _Region:
     """One store object's buffers, write-protected while any of its storages is alive.
 
     Each storage is `torch.from_numpy` of the array Ray returned (so Ray's own
-    buffer keeps the pages mapped); the guard counts those arrays and lifts
-    the protection when the last one dies, before Ray may reuse the pages.
+    buffer keeps the pages mapped). Every such array holds the guard once and
+    gives it back when it dies; the last one lifts the protection, before Ray
+    may reuse the pages.
     """
 
     def __init__(self, arrays: list[np.ndarray], guard: bool) -> None:
         self._arrays = arrays
         self._pages = _guard.inner_pages(arrays[0].ctypes.data, arrays[-1].ctypes.data + arrays[-1].nbytes)
         self._guard = guard
-        self._alive = 0
 
     def storages(self, records: Sequence[StorageRecord]) -> list[torch.UntypedStorage]:
         out = []
         for rec in records:
-            array = self._arrays[rec.index]
+            array = self._arrays[rec.index][: rec.nbytes]  # small storages were padded
             out.append(torch.from_numpy(array).untyped_storage())
             if self._guard:
-                self._alive += 1
-                weakref.finalize(array, self._drop)
-        if self._guard and self._alive:
-            _guard.acquire(*self._pages)
-        # The finalizers hold this object: holding the arrays too would keep them alive forever.
-        self._arrays = []
+                _guard.acquire(*self._pages)
+                weakref.finalize(array, _guard.release, *self._pages)
         return out
-
-    def _drop(self) -> None:
-        self._alive -= 1
-        if self._alive == 0:
-            _guard.release(*self._pages)
 
 
 def _tensor(rec: TensorRecord, storage: torch.UntypedStorage) -> torch.Tensor:
@@ -371,17 +380,25 @@ def _params_on_meta() -> Any:
     them, while parameters, the bulk of the bytes, are never allocated.
     """
     original = nn.Module.register_parameter
+    on_meta: dict[int, nn.Parameter] = {}  # one meta twin per parameter keeps ties made before registering
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            if id(param) not in on_meta:
+                on_meta[id(param)] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+                weakref.finalize(param, on_meta.pop, id(param), None)  # a freed id may be reused
+            module._parameters[name] = on_meta[id(param)]
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+    with _META_LOCK:
+        nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+_META_LOCK = threading.Lock()
 
 
 def _assign(
@@ -397,9 +414,8 @@ def _assign(
         for names, places in slots:
             found = next((index[n] for n in names if n in index), None)
             current = getattr(places[0][0], kind)[places[0][1]]
-            persistent = all(leaf not in mod._non_persistent_buffers_set for mod, leaf in places)
             if found is None:
-                if kind == "_parameters" or persistent:
+                if kind == "_parameters" or all(leaf not in m._non_persistent_buffers_set for m, leaf in places):
                     missing.append(names[0])
                 continue
             source = tensors[found]

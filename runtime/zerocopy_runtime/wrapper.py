@@ -8,14 +8,15 @@ The wrapper pickles to a few kilobytes: a manifest and object references.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import ray
 import torch
 from torch import nn
 
-from ._collect import reachable, resolve
+from ._collect import models_in, replace_at, resolve
 from .weights import PublishedModel, attach, load_skeleton, meta_tensors, publish, release
 
 T = TypeVar("T")
@@ -55,6 +56,8 @@ class ModelWrapper(Generic[T]):
         """
         if mode not in ("actor", "task"):
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
+        if mode == "task" and (isinstance(model_or_pipeline, (str, os.PathLike, Mapping))):
+            raise TypeError("Task mode runs a model's methods: pass a model or pipeline, not a state dict or path.")
         published = publish(model_or_pipeline, name=name, only=model_attr_names)
         methods = tuple(method_names or ("__call__",))
         return cls(published, mode, methods, {"num_cpus": num_cpus, "num_gpus": num_gpus})
@@ -84,17 +87,13 @@ class ModelWrapper(Generic[T]):
         Task mode: return the task-backed stand-in.
         """
         if self.mode == "actor":
-            loaded = attach(self.published, device=device)
-            for _, module in _models_in(loaded):
-                module.eval()
-            return loaded
+            return _load_for_inference(self.published, device)
+        local = _skeleton_on_meta(self.published)
         if self.published.manifest.kind == "module":
-            return TaskModel(self, "")  # type: ignore[return-value]
-        pipeline = _skeleton_on_meta(self.published)
-        for path, _ in _models_in(pipeline):
-            parent, _, leaf = path.rpartition(".")
-            _replace(resolve(pipeline, parent), leaf, TaskModel(self, path))
-        return pipeline
+            return TaskModel(self, "", local)  # type: ignore[return-value]
+        for path, module in models_in(local):
+            replace_at(local, path, TaskModel(self, path, module))
+        return local
 
     def release(self) -> None:
         """Free the published weights (attached processes keep their pages until they let go)."""
@@ -111,10 +110,10 @@ class TaskModel:
     whose tensors are on the meta device, so reading them costs nothing.
     """
 
-    def __init__(self, wrapper: ModelWrapper[Any], path: str) -> None:
+    def __init__(self, wrapper: ModelWrapper[Any], path: str, local: Any) -> None:
         self._wrapper = wrapper
         self._path = path
-        self._local = resolve(_skeleton_on_meta(wrapper.published), path)
+        self._local = local
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._remote("__call__", args, kwargs)
@@ -124,7 +123,17 @@ class TaskModel:
             raise AttributeError(name)
         if name in self._wrapper.method_names:
             return lambda *args, **kwargs: self._remote(name, args, kwargs)
-        return getattr(self._local, name)
+        value = getattr(self._local, name)
+        if callable(value) and not isinstance(value, (nn.Module, type)):
+            raise AttributeError(
+                f"{name!r} is a method, and only {self._wrapper.method_names} run remotely: "
+                f"add it to method_names (ModelWrapper.for_tasks(model, method_names=(..., {name!r})))."
+            )
+        return value
+
+    def release(self) -> None:
+        """Free the published weights behind this stand-in (what `ModelWrapper.release` does)."""
+        self._wrapper.release()
 
     def _remote(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if method not in self._wrapper.method_names:
@@ -136,34 +145,43 @@ class TaskModel:
         return f"TaskModel({self._wrapper.published.name!r}, path={self._path!r})"
 
 
-#: Attached models per worker process, so each task reuses the mapping.
-_ATTACHED: dict[tuple[str, str], Any] = {}
+#: The attached model of each published name in this worker process, so tasks reuse the mapping.
+_ATTACHED: dict[str, tuple[tuple[str, str], Any]] = {}
 
 
 @ray.remote
 def _run_method(published: PublishedModel, path: str, method: str, args: Any, kwargs: Any) -> Any:
-    key = (published.name, published.refs[0].hex() if published.refs else "")
-    obj = _ATTACHED.get(key)
-    if obj is None:
-        obj = _ATTACHED[key] = attach(published)
-        for _, module in _models_in(obj):
-            module.eval()
-    with torch.no_grad():
-        return getattr(resolve(obj, path), method)(*args, **kwargs)
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    version = (published.refs[0].hex(), device)
+    cached = _ATTACHED.get(published.name)
+    if cached is None or cached[0] != version:
+        # A new revision under the same name replaces the old one, which is then let go.
+        _ATTACHED[published.name] = cached = (version, _load_for_inference(published, device))
+    target = getattr(resolve(cached[1], path), method)
+    if device == "cpu":
+        with torch.no_grad():
+            return target(*args, **kwargs)
+    with torch.no_grad():  # inputs follow the model to the GPU; results come back on the CPU
+        return _to(target(*_to(args, device), **_to(kwargs, device)), "cpu")
 
 
-def _models_in(obj: Any) -> list[tuple[str, nn.Module]]:
-    """The outermost modules of a model (itself) or of a pipeline, with their paths."""
-    return [(path, leaf) for path, leaf in reachable(obj) if isinstance(leaf, nn.Module)]
+def _load_for_inference(published: PublishedModel, device: str | torch.device) -> Any:
+    """Attach, then eval mode: the weights are read-only, and train-mode BatchNorm would write them."""
+    loaded = attach(published, device=device)
+    for _, module in models_in(loaded):
+        module.eval()
+    return loaded
 
 
-def _replace(parent: Any, key: str, value: Any) -> None:
-    if isinstance(parent, dict):
-        parent[next(k for k in parent if str(k) == key)] = value
-    elif isinstance(parent, list):
-        parent[int(key)] = value
-    else:
-        setattr(parent, key, value)
+def _to(value: Any, device: str) -> Any:
+    """`value` with its tensors (at any depth of lists, tuples and dicts) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
 
 
 def _skeleton_on_meta(published: PublishedModel) -> Any:

@@ -51,7 +51,7 @@ def test_for_tasks_returns_the_stand_in_directly(ray_session: None) -> None:
         with torch.no_grad():
             assert same_bits(remote(x), model(x))
     finally:
-        remote._wrapper.release()
+        remote.release()
 
 
 def test_task_workers_attach_once_and_honour_resources(wrappers: list) -> None:
@@ -65,8 +65,8 @@ def test_task_workers_attach_once_and_honour_resources(wrappers: list) -> None:
         seen.setdefault(pid, set()).add(model_id)
     assert all(len(ids) == 1 for ids in seen.values()), seen
     assert remote.resources()["CPU"] == 0.5
-    with pytest.raises(AttributeError):
-        remote.not_a_method()
+    with pytest.raises(AttributeError, match="add it to method_names"):
+        remote.forward(torch.randn(1, 64))
 
 
 def test_wrapper_pickles_without_weights(wrappers: list) -> None:
@@ -89,10 +89,10 @@ class Holder:
             return self.model(x)
 
 
-def test_actor_mode_shares_one_copy_across_four_actors(wrappers: list) -> None:
+def test_actor_mode_shares_one_copy_across_four_actors(wrappers: list, actors: list) -> None:
     model = MLP().train()
     wrapper = _wrap(wrappers, model, mode="actor")
-    actors = [Holder.remote(wrapper) for _ in range(4)]
+    actors += [Holder.remote(wrapper) for _ in range(4)]
     facts = ray.get([a.facts.remote() for a in actors])
     assert facts == [(True, False, "cpu")] * 4  # in the store, eval mode, on CPU
     x = torch.randn(3, 64)
@@ -184,3 +184,18 @@ def test_model_attr_names_shares_only_those_models(wrappers: list) -> None:
 def test_bad_mode_is_refused(ray_session: None) -> None:
     with pytest.raises(ValueError, match="mode must be"):
         zc.ModelWrapper.from_model(MLP(), mode="process")  # type: ignore[arg-type]
+
+
+def test_task_mode_refuses_state_dicts_before_publishing(ray_session: None) -> None:
+    with pytest.raises(TypeError, match="not a state dict"):
+        zc.ModelWrapper.from_model(MLP().state_dict(), mode="task")
+
+
+def test_task_mode_explains_models_in_tuples(wrappers: list) -> None:
+    class Stages:
+        def __init__(self) -> None:
+            self.stages = (MLP(8, 1), MLP(10, 1))
+
+    wrapper = _wrap(wrappers, Stages(), mode="task")
+    with pytest.raises(TypeError, match="tuple"):
+        wrapper.load()

@@ -11,29 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import same_bits
+from tests.helpers import ALL_DTYPES, same_bits, sample
 from zerocopy_runtime import CheckpointError
 from zerocopy_runtime._checkpoint import load_mapped
 
 pytestmark = pytest.mark.unit
 
-ALL_DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int8, torch.int64, torch.bool, torch.complex64, torch.uint8, torch.float64,
-]  # fmt: skip
-
-
-def _sample(dtype: torch.dtype) -> torch.Tensor:
-    raw = torch.randn(3, 5) * 4
-    if dtype == torch.bool:
-        return raw > 0
-    if dtype == torch.complex64:
-        return torch.complex(raw, -raw)
-    return raw.to(dtype)
-
 
 def test_safetensors_round_trip_is_bitwise_for_every_dtype(tmp_path: Path) -> None:
-    tensors = {str(d): _sample(d) for d in ALL_DTYPES} | {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3)}
+    tensors = {str(d): sample(d) for d in ALL_DTYPES} | {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3)}
     save_file(tensors, tmp_path / "m.safetensors")
     mapped = load_mapped(tmp_path / "m.safetensors")
     reference = load_file(tmp_path / "m.safetensors")
@@ -106,3 +92,14 @@ def test_reading_safetensors_does_not_materialise_weights_in_heap(tmp_path: Path
     assert nbytes == 64 * 2**20
     # .double() makes one 8 MiB temporary at a time; the 64 MiB stay in the page cache.
     assert anon_growth < nbytes / 4
+
+
+def test_corrupt_safetensors_header_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "huge.safetensors").write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="exceeds the file size"):
+        load_mapped(tmp_path / "huge.safetensors")
+    save_file({"a": torch.ones(4)}, tmp_path / "bad.safetensors")
+    data = (tmp_path / "bad.safetensors").read_bytes().replace(b'"shape":[4]', b'"shape":[5]')
+    (tmp_path / "bad.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="'a'"):
+        load_mapped(tmp_path / "bad.safetensors")

@@ -98,3 +98,13 @@ def test_torchscript_is_refused_with_the_fix() -> None:
 def test_chunks_group_in_order_and_keep_oversized_storages_alone() -> None:
     assert plan_chunks([10, 10, 10, 100, 5], 25) == [[0, 1], [2], [3], [4]]
     assert plan_chunks([], 25) == [[]]
+
+
+def test_views_reporting_different_storage_lengths_share_the_longest() -> None:
+    import numpy as np
+
+    base = np.arange(64, dtype=np.float32)
+    holder = {"small": torch.from_numpy(base[:10]), "big": torch.from_numpy(base)}
+    collected = collect(holder)
+    assert len(collected.storages) == 1
+    assert collected.storages[0].numel() == 64 * 4
