@@ -1,0 +1,77 @@
+"""The arguments of the Serve application, as typed, validated data.
+
+These are the light config types the operator imports to render a
+RayService's `serveConfigV2` args; they depend on pydantic only (no torch,
+no Ray), so the operator image stays lean.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_SCHEMES = ("file://", "s3://", "gs://", "hf://", "http://", "https://")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where the weights come from."""
+
+    uri: str = Field(description="file://, a local path, s3://, gs://, hf://org/name@revision, or http(s)://")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="verified when publishing")
+    credentials_env: list[str] = Field(
+        default_factory=list, description="environment variables holding credentials (from a Secret), never inline"
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        if "://" in uri and not uri.startswith(_SCHEMES):
+            raise ValueError(f"unsupported URI scheme in {uri!r}; use one of {', '.join(_SCHEMES)} or a local path")
+        return uri
+
+
+class Architecture(_Strict):
+    """How to build the model without weights: a factory `module:function` returning an nn.Module."""
+
+    factory: str = Field(description="import path `package.module:function`")
+    kwargs: dict[str, object] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        if not _IMPORT_PATH.match(value):
+            raise ValueError(f"{value!r} is not an import path of the form `package.module:function`")
+        return value
+
+
+class Batching(_Strict):
+    """Dynamic batching through `@serve.batch`; max_batch_size 1 turns it off."""
+
+    max_batch_size: int = Field(default=1, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10)
+
+
+class AppArgs(_Strict):
+    """Everything `zerocopy_runtime.serve:build_app` needs; deployment options live in Serve's own config."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63, description="model name")
+    model: ModelSource
+    architecture: Architecture
+    handler: str = Field(default="tensor", description="'tensor' or `module:function` taking (model, batch)")
+    batching: Batching = Field(default_factory=Batching)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    write_guard: bool = True
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, value: str) -> str:
+        if value != "tensor" and not _IMPORT_PATH.match(value):
+            raise ValueError(f"handler {value!r} must be 'tensor' or an import path `package.module:function`")
+        return value

@@ -1,0 +1,144 @@
+"""The Ray Serve application: replicas that attach to weights published once per node.
+
+`build_app(args)` is what a RayService's `serveConfigV2` (or `serve run`)
+imports. The first replica of a model revision publishes it through a
+detached owner; every later replica, scale-up or restart finds the owner by
+name and attaches in milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from ray import serve
+from ray.serve import Application
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from torch import nn
+
+from ._errors import ZeroCopyError
+from ._source import local_path, revision
+from .config import AppArgs
+from .handlers import BadRequest, fingerprint, load_handler
+from .weights import PublishedModel, attach, attach_report, lookup, publish
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder: validate the args, bind the deployment."""
+    return ZeroCopyDeployment.bind(AppArgs.model_validate(args).model_dump())  # type: ignore[attr-defined]
+
+
+def weights_name(args: AppArgs, digest: str) -> str:
+    """One published copy per model and revision."""
+    return f"{args.name}-{digest[:16]}"
+
+
+def find_or_publish(args: AppArgs) -> PublishedModel:
+    """The published weights of this revision, publishing them if no replica has yet."""
+    path = local_path(args.model)
+    name = weights_name(args, revision(args.model, path))
+    try:
+        return lookup(name)
+    except ZeroCopyError:
+        pass
+    try:
+        return publish(path, name=name)
+    except ZeroCopyError as exc:
+        if "already published" not in str(exc):
+            raise
+        return lookup(name)  # another replica won the race
+
+
+def _factory(args: AppArgs) -> partial[nn.Module]:
+    module_name, _, attr = args.architecture.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"Architecture factory {args.architecture.factory!r} cannot be imported ({exc}); "
+            "check architecture.factory and the runtime image."
+        ) from exc
+    return partial(factory, **args.architecture.kwargs)
+
+
+@serve.deployment
+class ZeroCopyDeployment:
+    """One replica: attaches in its constructor, serves JSON over HTTP."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.handler = load_handler(self.args.handler)
+        self.published = find_or_publish(self.args)
+        device = self.args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = attach(
+            self.published, factory=_factory(self.args), write_guard=self.args.write_guard, device=device
+        ).eval()
+        self.report = attach_report(self.model)
+        self.fingerprint = fingerprint(self.model)
+        self.largest_batch = 0
+        # serve.batch methods carry these setters; its type stubs do not say so.
+        self.batched.set_max_batch_size(self.args.batching.max_batch_size)  # type: ignore[attr-defined]
+        self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.url.path.rstrip("/").endswith("/-/info"):
+            return JSONResponse(self.info())
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
+        result = await self.batched(body)
+        if isinstance(result, BadRequest):
+            return JSONResponse({"error": str(result)}, status_code=400)
+        return JSONResponse(result)
+
+    @serve.batch(max_batch_size=1)
+    async def batched(self, bodies: list[Any]) -> list[Any]:
+        """One handler call per batch; a bad request fails alone, not its whole batch."""
+        self.largest_batch = max(self.largest_batch, len(bodies))
+        try:
+            return self._run(bodies)
+        except BadRequest:
+            return [self._one(body) for body in bodies]
+
+    def _one(self, body: Any) -> Any:
+        try:
+            return self._run([body])[0]
+        except BadRequest as exc:
+            return exc
+
+    def _run(self, bodies: list[Any]) -> list[Any]:
+        with torch.inference_mode():
+            return self.handler(self.model, bodies)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.args.name,
+            "weights": self.published.name,
+            "revision": self.published.name.rsplit("-", 1)[-1],
+            "bytes_shared": self.report.bytes_shared,
+            "tensor_count": self.report.tensor_count,
+            "attach_seconds": self.report.attach_seconds,
+            "shared": self.report.in_object_store,
+            "write_guard": self.report.write_guard,
+            "node_id": self.report.node_id,
+            "pid": os.getpid(),
+            "owner_pid": self.published.owner_pid,
+            "object_ids": [ref.hex() for ref in self.published.refs],
+            "max_batch_size": self.args.batching.max_batch_size,
+            "largest_batch": self.largest_batch,
+            "checked_at": time.time(),
+        }
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose weights are no longer attached or intact."""
+        if self.args.device == "cpu" and fingerprint(self.model) != self.fingerprint:
+            raise RuntimeError("The attached weights changed or moved since attach; restarting this replica.")
+        lookup(self.published.name)  # raises if the owner of the shared copy is gone

@@ -1,0 +1,151 @@
+"""The Serve application over real HTTP on 127.0.0.1: predictions, batching, scaling, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import zerocopy_runtime as zc
+from tests.models import MLP
+from zerocopy_runtime.config import AppArgs
+from zerocopy_runtime.serve import ZeroCopyDeployment, build_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_session: None) -> Iterator[int]:
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture
+def app(serve_port: int, tmp_path: Path) -> Iterator[Any]:
+    """Deploys an MLP checkpoint under /mlp; deletes the app and releases its weights afterwards."""
+    from ray import serve
+    from ray.util import list_named_actors
+
+    torch.manual_seed(0)
+    model = MLP(16, 2).eval()
+    checkpoint = tmp_path / "mlp.safetensors"
+    save_file(model.state_dict(), checkpoint)
+
+    def deploy(replicas: int = 1, **overrides: Any) -> str:
+        args = {
+            "name": "mlp",
+            "model": {"uri": f"file://{checkpoint}"},
+            "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 2}},
+        } | overrides
+        bound = ZeroCopyDeployment.options(num_replicas=replicas).bind(AppArgs.model_validate(args).model_dump())
+        serve.run(bound, name="mlp", route_prefix="/mlp")
+        return f"http://127.0.0.1:{serve_port}/mlp"
+
+    deploy.model = model  # type: ignore[attr-defined]
+    deploy.checkpoint = checkpoint  # type: ignore[attr-defined]
+    yield deploy
+    serve.delete("mlp")
+    for actor in list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("zerocopy-weights:mlp-"):
+            zc.release(actor["name"].removeprefix("zerocopy-weights:"))
+
+
+def _post(url: str, body: Any) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_prediction_equals_the_plain_model(app: Any) -> None:
+    url = app()
+    x = torch.randn(16)
+    status, body = _post(url, {"inputs": x.tolist()})
+    assert status == 200
+    with torch.no_grad():
+        expected = app.model(x.unsqueeze(0))[0]
+    assert torch.allclose(torch.tensor(body["outputs"]), expected, atol=1e-6)
+    info = _get(url + "/-/info")
+    assert info["shared"] is True
+    assert info["tensor_count"] == len(list(app.model.parameters()))
+
+
+def test_malformed_body_gets_400_and_the_replica_keeps_serving(app: Any) -> None:
+    url = app()
+    status, body = _post(url, {"wrong": 1})
+    assert status == 400
+    assert "inputs" in body["error"]
+    status, _ = _post(url, {"inputs": torch.randn(16).tolist()})
+    assert status == 200
+
+
+def test_requests_are_batched(app: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = app(batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.5})
+    xs = [torch.randn(16) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda x: _post(url, {"inputs": x.tolist()}), xs))
+    with torch.no_grad():
+        expected = app.model(torch.stack(xs))
+    for (status, body), row in zip(results, expected, strict=True):
+        assert status == 200
+        assert torch.allclose(torch.tensor(body["outputs"]), row, atol=1e-6)
+    assert _get(url + "/-/info")["largest_batch"] > 1
+
+
+def test_scaling_up_attaches_new_replicas_without_republishing(app: Any) -> None:
+    url = app(replicas=1)
+    first = _get(url + "/-/info")
+    app(replicas=3)
+    seen: dict[int, dict] = {}
+    for _ in range(200):
+        info = _get(url + "/-/info")
+        seen[info["pid"]] = info
+        if len(seen) == 3:
+            break
+    assert len(seen) == 3
+    for info in seen.values():
+        assert info["object_ids"] == first["object_ids"]  # the same store objects
+        assert info["owner_pid"] == first["owner_pid"]  # the same owner, never restarted
+        assert info["shared"] is True
+
+
+def test_checksum_mismatch_fails_the_deployment_with_the_fix(app: Any) -> None:
+    from ray import serve
+
+    with pytest.raises(RuntimeError, match="failed"):
+        app(model={"uri": f"file://{app.checkpoint}", "sha256": "0" * 64})
+    message = serve.status().applications["mlp"].deployments["ZeroCopyDeployment"].message
+    assert "Checksum mismatch" in message
+    assert "fix model.sha256" in message
+
+
+def test_args_are_validated_before_deploying() -> None:
+    with pytest.raises(ValueError, match="import path"):
+        build_app({"name": "m", "model": {"uri": "/x"}, "architecture": {"factory": "not a path"}})
+    with pytest.raises(ValueError, match="unsupported URI scheme"):
+        build_app({"name": "m", "model": {"uri": "ftp://x"}, "architecture": {"factory": "a.b:c"}})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        build_app({"name": "m", "model": {"uri": "/x"}, "architecture": {"factory": "a.b:c"}, "batchsize": 3})
