@@ -8,7 +8,8 @@ no Ray), so the operator image stays lean.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -75,3 +76,56 @@ class AppArgs(_Strict):
         if value != "tensor" and not _IMPORT_PATH.match(value):
             raise ValueError(f"handler {value!r} must be 'tensor' or an import path `package.module:function`")
         return value
+
+
+class ServeSettings(_Strict):
+    """What Serve's own deployment config carries (changing it is an in-place update)."""
+
+    route_prefix: str = Field(pattern=r"^/[-a-zA-Z0-9_/]*$")
+    replicas: int = Field(ge=1, le=1000)
+
+
+API_VERSION = "zerocopy.dev/v1alpha1"
+KIND = "ZeroCopyModel"
+
+
+def from_resource(resource: dict[str, Any], base_dir: Path | None = None) -> tuple[AppArgs, ServeSettings]:
+    """A ZeroCopyModel resource (as `kubectl apply` takes it) to the app args and Serve settings.
+
+    The operator renders a RayService's serveConfigV2 with this same function.
+    Relative local paths are taken from `base_dir` (the resource file's folder).
+    """
+    if resource.get("apiVersion") != API_VERSION or resource.get("kind") != KIND:
+        raise ValueError(
+            f"Expected apiVersion {API_VERSION} and kind {KIND}, got "
+            f"{resource.get('apiVersion')!r} / {resource.get('kind')!r}."
+        )
+    name = (resource.get("metadata") or {}).get("name")
+    spec = resource.get("spec") or {}
+    model = dict(spec.get("model") or {})
+    serving = dict(spec.get("serving") or {})
+    architecture = model.pop("architecture", None)
+    uri = model.get("uri", "")
+    if (
+        base_dir is not None
+        and "://" not in uri.removeprefix("file://")
+        and not Path(uri.removeprefix("file://")).is_absolute()
+    ):
+        model["uri"] = str(base_dir / uri.removeprefix("file://"))
+    batching = serving.get("batching") or {}
+    args = AppArgs.model_validate(
+        {
+            "name": name,
+            "model": {"uri": model.get("uri"), "sha256": model.get("sha256")},
+            "architecture": architecture,
+            "handler": serving.get("handler", "tensor"),
+            "batching": {
+                "max_batch_size": batching.get("maxBatchSize", 1),
+                "batch_wait_timeout_s": batching.get("batchWaitTimeoutS", 0.01),
+            },
+            "device": serving.get("device", "cpu"),
+            "write_guard": serving.get("writeGuard", True),
+        }
+    )
+    settings = ServeSettings(route_prefix=serving.get("routePrefix", f"/{name}"), replicas=serving.get("replicas", 1))
+    return args, settings

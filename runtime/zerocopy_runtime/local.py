@@ -1,0 +1,73 @@
+"""`zerocopy serve FILE`: the ZeroCopyModel a user would `kubectl apply`, served on a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import ray
+import yaml
+from ray import serve
+
+from ._store import format_bytes
+from .config import from_resource
+from .memory import pss_bytes
+from .serve import ZeroCopyDeployment, find_or_publish
+from .weights import release
+
+MiB = 2**20
+
+
+def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Publish, deploy, print the endpoint and a memory summary, then serve until Ctrl-C."""
+    resource = yaml.safe_load(path.read_text())
+    base = path.resolve().parent
+    args, settings = from_resource(resource, base_dir=base)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Files next to the resource (the architecture's module, handlers) are importable by replicas.
+    pythonpath = os.pathsep.join(filter(None, [str(base), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
+    print(f"publishing {args.model.uri} ...", flush=True)
+    started = time.perf_counter()
+    published = find_or_publish(args)
+    print(f"published {published.nbytes / MiB:.1f} MiB as {published.name} in {time.perf_counter() - started:.1f} s")
+    serve.start(http_options={"host": host, "port": port})
+    bound = ZeroCopyDeployment.options(num_replicas=settings.replicas).bind(args.model_dump())  # type: ignore[attr-defined]
+    serve.run(bound, name=args.name, route_prefix=settings.route_prefix)
+    endpoint = f"http://{host}:{port}{settings.route_prefix}"
+    print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": [...]}}; GET {endpoint}/-/info)')
+    print(memory_summary(endpoint, settings.replicas, published.nbytes, published.owner_pid), flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        print("shutting down", flush=True)
+    finally:
+        serve.delete(args.name)
+        release(published)
+        ray.shutdown()
+
+
+def memory_summary(endpoint: str, replicas: int, model_bytes: int, owner_pid: int) -> str:
+    """One line comparing what the replicas cost with what private copies would."""
+    pids: set[int] = set()
+    for _ in range(50 * replicas):
+        with urllib.request.urlopen(endpoint + "/-/info", timeout=30) as response:
+            pids.add(json.loads(response.read())["pid"])
+        if len(pids) == replicas:
+            break
+    try:
+        total = sum(pss_bytes(pid) for pid in [*pids, owner_pid])
+    except OSError:  # replicas on other nodes: no /proc to read here
+        return f"{replicas} replicas share one {format_bytes(model_bytes)} copy per node"
+    extra = format_bytes((len(pids) - 1) * model_bytes)
+    return (
+        f"{len(pids)} replicas share one {format_bytes(model_bytes)} copy: replicas and owner use "
+        f"{format_bytes(total)} in all (PSS); a private copy each would add {extra}"
+    )

@@ -1,0 +1,77 @@
+"""`zerocopy serve FILE` end to end, in a subprocess with its own embedded Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from tests.conftest import ROOT
+from tests.models import MLP
+
+pytestmark = pytest.mark.integration
+
+
+def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = MLP(16, 1).eval()
+    save_file(model.state_dict(), tmp_path / "mlp.safetensors")
+    resource = {
+        "apiVersion": "zerocopy.dev/v1alpha1",
+        "kind": "ZeroCopyModel",
+        "metadata": {"name": "cli-mlp"},
+        "spec": {
+            "model": {
+                "uri": "file://mlp.safetensors",  # relative to the resource file
+                "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 1}},
+            },
+            "serving": {"routePrefix": "/cli", "replicas": 2},
+        },
+    }
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(resource))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zerocopy_operator.cli", "serve", str(tmp_path / "model.yaml"), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("replicas share" in line for line in lines):
+            line = process.stdout.readline()  # type: ignore[union-attr]
+            assert line or process.poll() is None, "".join(lines[-40:])
+            lines.append(line)
+            assert time.monotonic() < deadline, "".join(lines[-40:])
+        assert any(f"http://127.0.0.1:{port}/cli" in line for line in lines)
+        assert any("2 replicas share one" in line for line in lines)
+        x = torch.randn(16)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/cli",
+            data=json.dumps({"inputs": x.tolist()}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            outputs = torch.tensor(json.loads(response.read())["outputs"])
+        with torch.no_grad():
+            assert torch.allclose(outputs, model(x.unsqueeze(0))[0], atol=1e-6)
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, out[-3000:]
+        assert "shutting down" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
