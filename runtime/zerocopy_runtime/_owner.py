@@ -33,6 +33,17 @@ def actor_name(name: str) -> str:
     return _PREFIX + name
 
 
+def published_names(namespace: str = NAMESPACE) -> list[str]:
+    """Names of every model currently published in `namespace`."""
+    from ray.util import list_named_actors
+
+    return sorted(
+        a["name"].removeprefix(_PREFIX)
+        for a in list_named_actors(all_namespaces=True)
+        if a["namespace"] == namespace and a["name"].startswith(_PREFIX)
+    )
+
+
 def plan_chunks(sizes: list[int], chunk_bytes: int) -> list[list[int]]:
     """Group storages, in order, into store objects of about `chunk_bytes` each."""
     chunks: list[list[int]] = [[]]
@@ -100,6 +111,8 @@ class WeightOwner:
         self._chunks: list[ray.ObjectRef] = []
         self._manifest: Manifest | None = None
         self._spool: dict[str, np.ndarray] = {}
+        self._users: set[tuple[str, str]] = set()
+        self._started = time.time()
 
     def adopt_spooled(self, path: str, placed: list[tuple[int, int]]) -> None:
         """Copy one chunk from the publisher's spool file into the store, as an object this actor owns."""
@@ -132,6 +145,25 @@ class WeightOwner:
 
     def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int]:
         return self._manifest, list(self._chunks), os.getpid()
+
+    def register(self, user: str, namespace: str) -> None:
+        """Record a named actor (a Serve replica) that attached to these weights."""
+        self._users.add((user, namespace))
+
+    def usage(self) -> tuple[float, bool]:
+        """When this owner started, and whether any registered user is still alive."""
+        return self._started, self._in_use()
+
+    def _in_use(self) -> bool:
+        alive = set()
+        for user, namespace in self._users:
+            try:
+                ray.get_actor(user, namespace=namespace)
+            except ValueError:
+                continue
+            alive.add((user, namespace))
+        self._users = alive
+        return bool(alive)
 
 
 def start_owner(name: str, namespace: str) -> Any:

@@ -14,6 +14,7 @@ import time
 from functools import partial
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 from ray.serve import Application
@@ -22,10 +23,11 @@ from starlette.responses import JSONResponse
 from torch import nn
 
 from ._errors import ZeroCopyError
+from ._owner import NAMESPACE, actor_name, published_names
 from ._source import local_path, revision
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
-from .weights import PublishedModel, attach, attach_report, lookup, publish
+from .weights import PublishedModel, attach, attach_report, lookup, publish, release
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -54,6 +56,46 @@ def find_or_publish(args: AppArgs) -> PublishedModel:
         return lookup(name)  # another replica won the race
 
 
+def _register_replica(published: PublishedModel) -> None:
+    context = ray.get_runtime_context()
+    name = context.get_actor_name()
+    if name:  # Serve replicas are named actors; their owner learns who uses each revision
+        owner = ray.get_actor(actor_name(published.name), namespace=published.namespace)
+        ray.get(owner.register.remote(name, context.namespace))
+
+
+def release_unused_revisions(model: str, keep: str) -> list[str]:
+    """Release revisions of `model` older than `keep` once no replica attached to them is alive.
+
+    Runs in every new replica and health check, so the old buffers go soon
+    after a rolling update has stopped the last replica of the old revision.
+    Newer revisions are never touched: their first replica may still be
+    publishing, before any replica has registered.
+    """
+    released: list[str] = []
+    try:
+        kept_since, _ = _usage(keep)
+    except (ValueError, ray.exceptions.RayError):
+        return released
+    for name in published_names():
+        if name == keep or name.rpartition("-")[0] != model:
+            continue
+        try:
+            since, in_use = _usage(name)
+            if since < kept_since and not in_use:
+                release(name)
+                released.append(name)
+        except (ValueError, ZeroCopyError, ray.exceptions.RayError):
+            continue  # released or replaced concurrently: nothing to do
+    return released
+
+
+def _usage(name: str) -> tuple[float, bool]:
+    owner = ray.get_actor(actor_name(name), namespace=NAMESPACE)
+    usage: tuple[float, bool] = ray.get(owner.usage.remote(), timeout=10)
+    return usage
+
+
 def _factory(args: AppArgs) -> partial[nn.Module]:
     module_name, _, attr = args.architecture.factory.partition(":")
     try:
@@ -74,6 +116,8 @@ class ZeroCopyDeployment:
         self.args = AppArgs.model_validate(args)
         self.handler = load_handler(self.args.handler)
         self.published = find_or_publish(self.args)
+        _register_replica(self.published)
+        release_unused_revisions(self.args.name, keep=self.published.name)
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,3 +186,4 @@ class ZeroCopyDeployment:
         if self.args.device == "cpu" and fingerprint(self.model) != self.fingerprint:
             raise RuntimeError("The attached weights changed or moved since attach; restarting this replica.")
         lookup(self.published.name)  # raises if the owner of the shared copy is gone
+        release_unused_revisions(self.args.name, keep=self.published.name)

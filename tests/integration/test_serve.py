@@ -51,8 +51,13 @@ def app(serve_port: int, tmp_path: Path) -> Iterator[Any]:
             "model": {"uri": f"file://{checkpoint}"},
             "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 2}},
         } | overrides
-        bound = ZeroCopyDeployment.options(num_replicas=replicas).bind(AppArgs.model_validate(args).model_dump())
-        serve.run(bound, name="mlp", route_prefix="/mlp")
+        options = {"num_replicas": replicas, "health_check_period_s": 1}
+        bound = ZeroCopyDeployment.options(**options).bind(AppArgs.model_validate(args).model_dump())
+        try:
+            serve.run(bound, name="mlp", route_prefix="/mlp")
+        except RuntimeError as exc:  # say why the replicas failed, not only that they did
+            message = serve.status().applications["mlp"].deployments["ZeroCopyDeployment"].message
+            raise RuntimeError(f"{exc}\n{message}") from exc
         return f"http://127.0.0.1:{serve_port}/mlp"
 
     deploy.model = model  # type: ignore[attr-defined]
@@ -149,3 +154,55 @@ def test_args_are_validated_before_deploying() -> None:
         build_app({"name": "m", "model": {"uri": "ftp://x"}, "architecture": {"factory": "a.b:c"}})
     with pytest.raises(ValueError, match="Extra inputs"):
         build_app({"name": "m", "model": {"uri": "/x"}, "architecture": {"factory": "a.b:c"}, "batchsize": 3})
+
+
+def test_new_revision_publishes_once_and_releases_the_old_buffers(app: Any, tmp_path: Path) -> None:
+    from zerocopy_runtime._owner import published_names
+
+    url = app(replicas=2)
+    old = _get(url + "/-/info")
+    torch.manual_seed(5)
+    newer = MLP(16, 2).eval()
+    save_file(newer.state_dict(), tmp_path / "mlp-v2.safetensors")
+    app(replicas=2, model={"uri": f"file://{tmp_path / 'mlp-v2.safetensors'}"})
+    x = torch.randn(16)
+    status, body = _post(url, {"inputs": x.tolist()})
+    assert status == 200
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(body["outputs"]), newer(x.unsqueeze(0))[0], atol=1e-6)
+    new = _get(url + "/-/info")
+    assert new["weights"] != old["weights"]
+    assert [n for n in published_names() if n.startswith("mlp-")] == [new["weights"]] or _eventually(
+        lambda: [n for n in published_names() if n.startswith("mlp-")] == [new["weights"]]
+    )
+
+
+def _eventually(condition: Any, timeout: float = 60) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_killed_replica_restarts_and_reattaches_without_republishing(app: Any) -> None:
+    import ray
+
+    url = app(replicas=2)
+    before = _get(url + "/-/info")
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "ZeroCopyDeployment" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
+    failures = 0
+    pids = set()
+    for _ in range(60):
+        status, _ = _post(url, {"inputs": torch.randn(16).tolist()})
+        failures += status != 200
+        pids.add(_get(url + "/-/info")["pid"])
+    assert failures <= 2  # at most the requests in flight on the killed replica
+    assert _eventually(lambda: len({_get(url + "/-/info")["pid"] for _ in range(20)}) == 2)
+    after = _get(url + "/-/info")
+    assert after["object_ids"] == before["object_ids"]
+    assert after["owner_pid"] == before["owner_pid"]
