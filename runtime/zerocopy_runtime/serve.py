@@ -92,8 +92,8 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
 
 def _usage(name: str) -> tuple[float, bool]:
     owner = ray.get_actor(actor_name(name), namespace=NAMESPACE)
-    usage: tuple[float, bool] = ray.get(owner.usage.remote(), timeout=10)
-    return usage
+    since, in_use = ray.get([owner.usage.remote()], timeout=10)[0]
+    return float(since), bool(in_use)
 
 
 def _factory(args: AppArgs) -> partial[nn.Module]:
