@@ -92,8 +92,8 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
 
 def _usage(name: str) -> tuple[float, bool]:
     owner = ray.get_actor(actor_name(name), namespace=NAMESPACE)
-    since, in_use = ray.get([owner.usage.remote()], timeout=10)[0]
-    return float(since), bool(in_use)
+    usage: Any = ray.get(owner.usage.remote(), timeout=10)
+    return float(usage[0]), bool(usage[1])
 
 
 def _factory(args: AppArgs) -> partial[nn.Module]:
