@@ -42,6 +42,9 @@ def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", 
     endpoint = f"http://{host}:{port}{settings.route_prefix}"
     print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": [...]}}; GET {endpoint}/-/info)')
     print(memory_summary(endpoint, settings.replicas, published.nbytes, published.owner_pid), flush=True)
+    # Ctrl-C and `kill` (SIGTERM) both stop cleanly, even where SIGINT was inherited as ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(1)
@@ -52,6 +55,10 @@ def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", 
         serve.delete(args.name)
         release(published)
         ray.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def memory_summary(endpoint: str, replicas: int, model_bytes: int, owner_pid: int) -> str:
