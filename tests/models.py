@@ -100,3 +100,9 @@ class Introspective(MLP):
         import ray
 
         return ray.get_runtime_context().get_assigned_resources()
+
+
+def argmax_handler(model: nn.Module, bodies: list[dict]) -> list[dict]:
+    """A user handler: pre-process the JSON bodies, post-process outputs into labels."""
+    batch = torch.tensor([body["features"] for body in bodies], dtype=torch.float32)
+    return [{"label": int(i)} for i in model(batch).argmax(dim=-1)]

@@ -206,3 +206,25 @@ def test_killed_replica_restarts_and_reattaches_without_republishing(app: Any) -
     after = _get(url + "/-/info")
     assert after["object_ids"] == before["object_ids"]
     assert after["owner_pid"] == before["owner_pid"]
+
+
+def test_user_handler_by_import_path(app: Any) -> None:
+    url = app(handler="tests.models:argmax_handler")
+    x = torch.randn(16)
+    status, body = _post(url, {"features": x.tolist()})
+    assert status == 200
+    with torch.no_grad():
+        assert body == {"label": int(app.model(x.unsqueeze(0)).argmax())}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"handler": "tests.models:no_such_handler"}, "cannot be imported"),
+        ({"architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 8, "depth": 2}}}, "net.0.weight"),
+    ],
+    ids=["unknown-handler", "architecture-mismatch"],
+)
+def test_bad_deployment_names_the_problem(app: Any, overrides: dict, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        app(**overrides)
