@@ -7,13 +7,13 @@ A handler is `handler(model, bodies: list[dict]) -> list[object]`. Raising
 from __future__ import annotations
 
 import base64
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._imports import import_callable
 from ._manifest import DTYPES, dtype_name
 
 Handler = Callable[[nn.Module, list[dict[str, Any]]], list[Any]]
@@ -27,17 +27,7 @@ def load_handler(path: str) -> Handler:
     """'tensor' for the default handler, or `package.module:function`."""
     if path == "tensor":
         return tensor_handler
-    module_name, _, attr = path.partition(":")
-    try:
-        handler = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(
-            f"Handler {path!r} cannot be imported ({type(exc).__name__}: {exc}); "
-            "check serving.handler and that its package is installed in the runtime image."
-        ) from exc
-    if not callable(handler):
-        raise ValueError(f"Handler {path!r} is not callable.")
-    return handler
+    return import_callable(path, "serving.handler")
 
 
 def decode(body: dict[str, Any]) -> torch.Tensor:

@@ -8,7 +8,6 @@ name and attaches in milliseconds.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from functools import partial
@@ -23,6 +22,7 @@ from starlette.responses import JSONResponse
 from torch import nn
 
 from ._errors import ZeroCopyError
+from ._imports import import_callable
 from ._owner import NAMESPACE, actor_name, published_names
 from ._source import local_path, revision
 from .config import AppArgs
@@ -97,14 +97,7 @@ def _usage(name: str) -> tuple[float, bool]:
 
 
 def _factory(args: AppArgs) -> partial[nn.Module]:
-    module_name, _, attr = args.architecture.factory.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(
-            f"Architecture factory {args.architecture.factory!r} cannot be imported ({exc}); "
-            "check architecture.factory and the runtime image."
-        ) from exc
+    factory = import_callable(args.architecture.factory, "architecture.factory")
     return partial(factory, **args.architecture.kwargs)
 
 
