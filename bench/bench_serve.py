@@ -61,6 +61,10 @@ class Plain:
             self.model.load_state_dict(load_file(path), assign=True)
 
     async def __call__(self, request: Request) -> dict[str, Any]:
+        if request.method == "POST" and self.model is not None:
+            inputs = torch.tensor((await request.json())["inputs"])
+            with torch.inference_mode():
+                return {"outputs": self.model(inputs.unsqueeze(0))[0].tolist()}
         return {"pid": os.getpid()}
 
 
@@ -72,6 +76,14 @@ def _pids(url: str, count: int) -> list[int]:
         if len(seen) == count:
             break
     return sorted(seen)
+
+
+def _predict(url: str, times: int) -> None:
+    body = json.dumps({"inputs": [0.5] * 2048}).encode()
+    for _ in range(times):
+        request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
 
 
 def run_method(method: str, paths: dict[str, str], mib: int, port: int, most: int) -> list[dict[str, Any]]:
@@ -95,6 +107,7 @@ def run_method(method: str, paths: dict[str, str], mib: int, port: int, most: in
         serve.run(app, name="m", route_prefix="/m")
         seconds = time.perf_counter() - started
         pids = _pids(url, replicas)
+        _predict(url, 10 * replicas)  # every replica reads every weight, as serving would
         owner = []
         if method == "zerocopy":
             with urllib.request.urlopen(url + "/-/info", timeout=60) as response:
@@ -115,7 +128,8 @@ def write_report(rows: list[dict[str, Any]], mib: int) -> None:
     lines = [
         f"# Scaling a Serve deployment of a {mib} MiB model",
         "",
-        "Memory: PSS summed over the replicas (and, for zerocopy, the owner of the shared copy). "
+        "Memory: PSS summed over the replicas (and, for zerocopy, the owner of the shared copy), after "
+        "each replica served predictions (so every weight was read). "
         "Ready: seconds from the scale-up request until every replica answers. "
         "`empty` loads nothing: it is the cost of the replica processes themselves.",
         "",
