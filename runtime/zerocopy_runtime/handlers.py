@@ -61,10 +61,14 @@ def tensor_handler(model: nn.Module, bodies: list[dict[str, Any]]) -> list[Any]:
     """Run the model on each request's tensor; requests of one shape run as one batch."""
     tensors = [decode(body) for body in bodies]
     device = next(model.parameters(), torch.empty(0)).device
-    if len({(t.shape, t.dtype) for t in tensors}) == 1:
-        outputs = list(model(torch.stack(tensors).to(device)).unbind(0))
-    else:
-        outputs = [model(t.unsqueeze(0).to(device))[0] for t in tensors]
+    try:
+        if len({(t.shape, t.dtype) for t in tensors}) == 1:
+            outputs = list(model(torch.stack(tensors).to(device)).unbind(0))
+        else:
+            outputs = [model(t.unsqueeze(0).to(device))[0] for t in tensors]
+    except (RuntimeError, TypeError, ValueError) as exc:  # wrong shape or dtype for this model
+        shapes = sorted({str(tuple(t.shape)) for t in tensors})
+        raise BadRequest(f"the model cannot run on inputs of shape {', '.join(shapes)}: {exc}") from exc
     return [encode(out, bool(isinstance(body["inputs"], dict))) for out, body in zip(outputs, bodies, strict=True)]
 
 

@@ -9,7 +9,6 @@ name and attaches in milliseconds.
 from __future__ import annotations
 
 import os
-import time
 from functools import partial
 from typing import Any
 
@@ -171,7 +170,6 @@ class ZeroCopyDeployment:
             "object_ids": [ref.hex() for ref in self.published.refs],
             "max_batch_size": self.args.batching.max_batch_size,
             "largest_batch": self.largest_batch,
-            "checked_at": time.time(),
         }
 
     def check_health(self) -> None:

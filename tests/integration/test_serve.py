@@ -101,6 +101,9 @@ def test_malformed_body_gets_400_and_the_replica_keeps_serving(app: Any) -> None
     status, body = _post(url, {"wrong": 1})
     assert status == 400
     assert "inputs" in body["error"]
+    status, body = _post(url, {"inputs": torch.randn(10).tolist()})  # the model takes 16 features
+    assert status == 400
+    assert "(10,)" in body["error"]
     status, _ = _post(url, {"inputs": torch.randn(16).tolist()})
     assert status == 200
 
