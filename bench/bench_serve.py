@@ -33,6 +33,7 @@ from torch import nn
 
 from zerocopy_runtime import pss_bytes
 from zerocopy_runtime.config import AppArgs
+from zerocopy_runtime.local import replica_pids
 from zerocopy_runtime.serve import ZeroCopyDeployment
 
 MiB = 2**20
@@ -68,16 +69,6 @@ class Plain:
         return {"pid": os.getpid()}
 
 
-def _pids(url: str, count: int) -> list[int]:
-    seen: set[int] = set()
-    for _ in range(100 * count):
-        with urllib.request.urlopen(url + "/-/info", timeout=60) as response:
-            seen.add(json.loads(response.read())["pid"])
-        if len(seen) == count:
-            break
-    return sorted(seen)
-
-
 def _predict(url: str, times: int) -> None:
     body = json.dumps({"inputs": [0.5] * 2048}).encode()
     for _ in range(times):
@@ -106,7 +97,7 @@ def run_method(method: str, paths: dict[str, str], mib: int, port: int, most: in
         started = time.perf_counter()
         serve.run(app, name="m", route_prefix="/m")
         seconds = time.perf_counter() - started
-        pids = _pids(url, replicas)
+        pids = replica_pids(url, replicas)
         _predict(url, 10 * replicas)  # every replica reads every weight, as serving would
         owner = []
         if method == "zerocopy":

@@ -61,14 +61,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def memory_summary(endpoint: str, replicas: int, model_bytes: int, owner_pid: int) -> str:
-    """One line comparing what the replicas cost with what private copies would."""
+def replica_pids(endpoint: str, replicas: int) -> list[int]:
+    """The pids of a deployment's replicas, from `<endpoint>/-/info` (requests land on random replicas)."""
     pids: set[int] = set()
-    for _ in range(50 * replicas):
-        with urllib.request.urlopen(endpoint + "/-/info", timeout=30) as response:
+    for _ in range(100 * replicas):
+        with urllib.request.urlopen(endpoint + "/-/info", timeout=60) as response:
             pids.add(json.loads(response.read())["pid"])
         if len(pids) == replicas:
             break
+    return sorted(pids)
+
+
+def memory_summary(endpoint: str, replicas: int, model_bytes: int, owner_pid: int) -> str:
+    """One line comparing what the replicas cost with what private copies would."""
+    pids = replica_pids(endpoint, replicas)
     try:
         total = sum(pss_bytes(pid) for pid in [*pids, owner_pid])
     except OSError:  # replicas on other nodes: no /proc to read here
