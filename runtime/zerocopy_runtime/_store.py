@@ -56,8 +56,11 @@ def all_inside_store(pointers: list[tuple[int, int]]) -> bool:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """Bytes for people: 512 B, 3.0 MiB, 1.5 GiB (GiB is the largest unit)."""
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n:.1f} TiB"
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"

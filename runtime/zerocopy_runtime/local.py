@@ -19,8 +19,6 @@ from .memory import pss_bytes
 from .serve import ZeroCopyDeployment, find_or_publish
 from .weights import release
 
-MiB = 2**20
-
 
 def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Publish, deploy, print the endpoint and a memory summary, then serve until Ctrl-C."""
@@ -35,7 +33,8 @@ def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", 
     print(f"publishing {args.model.uri} ...", flush=True)
     started = time.perf_counter()
     published = find_or_publish(args)
-    print(f"published {published.nbytes / MiB:.1f} MiB as {published.name} in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
     serve.start(http_options={"host": host, "port": port})
     bound = ZeroCopyDeployment.options(num_replicas=settings.replicas).bind(args.model_dump())  # type: ignore[attr-defined]
     serve.run(bound, name=args.name, route_prefix=settings.route_prefix)
