@@ -75,7 +75,11 @@ def _post(url: str, body: Any) -> tuple[int, Any]:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:  # Serve's proxy answers a dead replica's requests in plain text
+            return err.code, text.decode(errors="replace")
 
 
 def _get(url: str) -> Any:
@@ -185,8 +189,11 @@ def _eventually(condition: Any, timeout: float = 60) -> bool:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
-            return True
+        try:
+            if condition():
+                return True
+        except urllib.error.URLError:  # a replica that is restarting answers 5xx for a moment
+            pass
         time.sleep(0.5)
     return False
 
@@ -198,13 +205,9 @@ def test_killed_replica_restarts_and_reattaches_without_republishing(app: Any) -
     before = _get(url + "/-/info")
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "ZeroCopyDeployment" in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
-    failures = 0
-    pids = set()
-    for _ in range(60):
-        status, _ = _post(url, {"inputs": torch.randn(16).tolist()})
-        failures += status != 200
-        pids.add(_get(url + "/-/info")["pid"])
-    assert failures <= 2  # at most the requests in flight on the killed replica
+    statuses = [_post(url, {"inputs": torch.randn(16).tolist()})[0] for _ in range(60)]
+    failed = [s for s in statuses if s != 200]
+    assert len(failed) <= 2, f"more requests lost than were in flight on the killed replica: {statuses}"
     assert _eventually(lambda: len({_get(url + "/-/info")["pid"] for _ in range(20)}) == 2)
     after = _get(url + "/-/info")
     assert after["object_ids"] == before["object_ids"]
