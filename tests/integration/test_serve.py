@@ -190,10 +190,11 @@ def _eventually(condition: Any, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if condition():
-                return True
+            done = condition()
         except urllib.error.URLError:  # a replica that is restarting answers 5xx for a moment
-            pass
+            done = False
+        if done:
+            return True
         time.sleep(0.5)
     return False
 
