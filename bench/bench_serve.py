@@ -9,7 +9,11 @@ Side by side in one run, on the same checkpoint:
 
 For N = 1..4: total memory (PSS of the replicas plus, for ours, the owner of the shared copy)
 and the time from the scale-up request to the moment the new replica answers (serve.run
-returns once every replica is healthy). Writes bench/results/serve.md and serve.json.
+returns once every replica is healthy).
+
+Then, with 2 replicas each, throughput and p50/p99 latency under a bounded load (16
+clients from a second process, bench/load.py) for ours without and with dynamic batching,
+and for the torch.load deployment. Writes bench/results/serve.md and serve.json.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import argparse
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -110,9 +116,46 @@ def run_method(method: str, paths: dict[str, str], mib: int, port: int, most: in
     return rows
 
 
-def write_report(rows: list[dict[str, Any]], mib: int) -> None:
+#: (label, deployment) pairs for the load test; batching is ours only (Plain has no @serve.batch).
+LOAD_VARIANTS = [("zerocopy, no batching", 1), ("zerocopy, batches of up to 16", 16), ("torch.load", 0)]
+
+
+def run_load(paths: dict[str, str], mib: int, port: int, replicas: int, concurrency: int) -> list[dict[str, Any]]:
+    rows = []
+    url = f"http://127.0.0.1:{port}/m"
+    options = {"num_replicas": replicas, "max_ongoing_requests": 2 * concurrency}
+    for label, batch in LOAD_VARIANTS:
+        if batch:
+            args = AppArgs.model_validate(
+                {
+                    "name": "bench",
+                    "model": {"uri": paths["st"]},
+                    "architecture": {"factory": "bench_serve:build", "kwargs": {"mib": mib}},
+                    "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.005},
+                }
+            )
+            app = ZeroCopyDeployment.options(**options).bind(args.model_dump())
+        else:
+            app = Plain.options(**options).bind("torch.load", paths["pt"], mib)
+        serve.run(app, name="m", route_prefix="/m")
+        load = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("load.py")), url, "--concurrency", str(concurrency)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        row = {"variant": label, "replicas": replicas, **json.loads(load.stdout)}
+        rows.append(row)
+        print(
+            f"{label:32s} {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+            f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}",
+            flush=True,
+        )
+        serve.delete("m")
+    return rows
+
+
+def write_report(rows: list[dict[str, Any]], load: list[dict[str, Any]], mib: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "serve.json").write_text(json.dumps({"scale": rows, "load": load}, indent=1))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["method"], r["replicas"]): r for r in rows}
     most = max(r["replicas"] for r in rows)
@@ -142,6 +185,20 @@ def write_report(rows: list[dict[str, Any]], mib: int) -> None:
             f"- Scale-up to {most}: {by[('zerocopy', most)]['ready_s']:.2f} s for ours, "
             f"{by[('empty', most)]['ready_s']:.2f} s for a replica that loads nothing"
         )
+    if load:
+        base = load[0]["requests_per_s"]
+        lines += [
+            "",
+            f"## Under load: {load[0]['concurrency']} clients in a second process, {load[0]['replicas']} replicas",
+            "",
+            "| variant | requests/s | vs. no batching | p50 ms | p99 ms | failed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in load:
+            lines.append(
+                f"| {r['variant']} | {r['requests_per_s']:.1f} | {r['requests_per_s'] / base:.2f}x | "
+                f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} |"
+            )
     (RESULTS / "serve.md").write_text("\n".join(lines) + "\n")
 
 
@@ -149,7 +206,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--methods", default="empty,zerocopy,safetensors,torch.load")
+    parser.add_argument("--methods", default="empty,zerocopy,safetensors,torch.load", help="for the scale-up part")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients of the load part; 0 skips it")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     here = str(Path(__file__).resolve().parent)
@@ -170,9 +228,10 @@ def main() -> None:
         torch.save(state, paths["pt"])
         save_file(state, paths["st"])
         del state
-        for method in args.methods.split(","):
+        for method in filter(None, args.methods.split(",")):
             rows += run_method(method, paths, args.mib, port, args.replicas)
-    write_report(rows, args.mib)
+        load = run_load(paths, args.mib, port, 2, args.concurrency) if args.concurrency else []
+    write_report(rows, load, args.mib)
     print((RESULTS / "serve.md").read_text())
 
 

@@ -103,7 +103,9 @@ def check_room(needed: int, what: str) -> None:
         )
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# `progress` answers while a publish call runs; every other method runs one at a time.
+# (Ray's type stubs lack `concurrency_groups`, which ray.remote accepts for actors.)
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1})  # type: ignore[call-overload]
 class WeightOwner:
     """Holds one model's store objects and its manifest."""
 
@@ -113,6 +115,7 @@ class WeightOwner:
         self._spool: dict[str, np.ndarray] = {}
         self._users: set[tuple[str, str]] = set()
         self._started = time.time()
+        self._copied = (0, 0)  # bytes in the store so far, of the total (publish_checkpoint only)
 
     def adopt_spooled(self, path: str, placed: list[tuple[int, int]]) -> None:
         """Copy one chunk from the publisher's spool file into the store, as an object this actor owns."""
@@ -132,8 +135,12 @@ class WeightOwner:
         sizes = [s.numel() for s in collected.storages]
         chunks = plan_chunks(sizes, chunk_bytes)
         check_room(store_bytes(sizes, chunks), f"Checkpoint {path!r}")
+        done, total = 0, sum(sizes)
         for members in chunks:
+            self._copied = (done, total)
             self._chunks.append(ray.put(chunk_payload([collected.storages[i].numpy() for i in members])))
+            done += sum(sizes[i] for i in members)
+        self._copied = (done, total)
         self._manifest = Manifest(
             tensors=tuple(collected.records),
             storages=tuple(storage_records(sizes, chunks)),
@@ -142,6 +149,11 @@ class WeightOwner:
             metadata={"source": str(Path(path).resolve())},
             publish_seconds=time.perf_counter() - started,
         )
+
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> tuple[int, int]:
+        """Bytes copied so far and in all, while `publish_checkpoint` runs."""
+        return self._copied
 
     def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int]:
         return self._manifest, list(self._chunks), os.getpid()

@@ -18,7 +18,11 @@ _CACHE = Path(os.environ.get("ZEROCOPY_CACHE", Path.home() / ".cache" / "zerocop
 
 
 def local_path(source: ModelSource) -> Path:
-    """The checkpoint on this node's disk, downloaded once into the cache for remote URIs."""
+    """The checkpoint on this node's disk, downloaded once into the cache for remote URIs.
+
+    The checksum is not verified here (see `verify`): only the publisher reads
+    the bytes, and hashing gigabytes in every replica would undo fast attach.
+    """
     uri = source.uri
     if uri.startswith("file://"):
         path = Path(uri.removeprefix("file://"))
@@ -28,8 +32,6 @@ def local_path(source: ModelSource) -> Path:
         path = _download(uri)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {uri!r} does not exist on this node ({path}); check model.uri.")
-    if source.sha256:
-        _verify(path, source.sha256)
     return path
 
 
@@ -45,7 +47,11 @@ def revision(source: ModelSource, path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path, expected: str) -> None:
+def verify(path: Path, source: ModelSource) -> None:
+    """Check the file against model.sha256, when the resource gives one."""
+    expected = source.sha256
+    if expected is None:
+        return
     if not path.is_file():
         raise CheckpointError(f"model.sha256 needs a single-file checkpoint, but {path} is a directory.")
     digest = hashlib.sha256()

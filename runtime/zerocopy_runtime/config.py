@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SCHEMES = ("file://", "s3://", "gs://", "hf://", "http://", "https://")
@@ -24,7 +24,9 @@ class _Strict(BaseModel):
 class ModelSource(_Strict):
     """Where the weights come from."""
 
-    uri: str = Field(description="file://, a local path, s3://, gs://, hf://org/name@revision, or http(s)://")
+    uri: str = Field(
+        min_length=1, description="file://, a local path, s3://, gs://, hf://org/name@revision, or http(s)://"
+    )
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="verified when publishing")
     credentials_env: list[str] = Field(
         default_factory=list, description="environment variables holding credentials (from a Secret), never inline"
@@ -39,17 +41,37 @@ class ModelSource(_Strict):
 
 
 class Architecture(_Strict):
-    """How to build the model without weights: a factory `module:function` returning an nn.Module."""
+    """How to build the model without weights: a factory, or a Hugging Face transformers class.
 
-    factory: str = Field(description="import path `package.module:function`")
+    A factory is an import path `package.module:function` returning an
+    nn.Module; a transformers class (`GPT2LMHeadModel`, `AutoModelForCausalLM`)
+    is built from the `config.json` next to the weights unless `config` says
+    where it is.
+    """
+
+    factory: str | None = Field(default=None, description="import path `package.module:function`")
     kwargs: dict[str, object] = Field(default_factory=dict, description="keyword arguments for the factory")
+    transformers: str | None = Field(
+        default=None, pattern=r"^[A-Z]\w*$", description="a transformers model class, built from its config.json"
+    )
+    config: str | None = Field(default=None, description="config.json (or its folder) for `transformers`")
 
     @field_validator("factory")
     @classmethod
-    def _import_path(cls, value: str) -> str:
-        if not _IMPORT_PATH.match(value):
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and not _IMPORT_PATH.match(value):
             raise ValueError(f"{value!r} is not an import path of the form `package.module:function`")
         return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Architecture:
+        if (self.factory is None) == (self.transformers is None):
+            raise ValueError("architecture needs exactly one of `factory` (an import path) or `transformers`")
+        if self.transformers is not None and self.kwargs:
+            raise ValueError("architecture.kwargs go with `factory`; a transformers model reads its config.json")
+        if self.factory is not None and self.config is not None:
+            raise ValueError("architecture.config goes with `transformers`; pass a factory's settings in kwargs")
+        return self
 
 
 class Batching(_Strict):
@@ -104,14 +126,10 @@ def from_resource(resource: dict[str, Any], base_dir: Path | None = None) -> tup
     spec = resource.get("spec") or {}
     model = dict(spec.get("model") or {})
     serving = dict(spec.get("serving") or {})
-    architecture = model.pop("architecture", None)
-    uri = model.get("uri", "")
-    if (
-        base_dir is not None
-        and "://" not in uri.removeprefix("file://")
-        and not Path(uri.removeprefix("file://")).is_absolute()
-    ):
-        model["uri"] = str(base_dir / uri.removeprefix("file://"))
+    architecture = dict(model.pop("architecture", None) or {})
+    model["uri"] = _resolve(model.get("uri", ""), base_dir)
+    if architecture.get("config"):
+        architecture["config"] = _resolve(architecture["config"], base_dir)
     batching = serving.get("batching") or {}
     args = AppArgs.model_validate(
         {
@@ -129,3 +147,11 @@ def from_resource(resource: dict[str, Any], base_dir: Path | None = None) -> tup
     )
     settings = ServeSettings(route_prefix=serving.get("routePrefix", f"/{name}"), replicas=serving.get("replicas", 1))
     return args, settings
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    """A relative local path in the resource, made absolute from the resource file's folder."""
+    local = path.removeprefix("file://")
+    if base_dir is None or not path or "://" in local or Path(local).is_absolute():
+        return path
+    return str(base_dir / local)

@@ -61,15 +61,30 @@ def tensor_handler(model: nn.Module, bodies: list[dict[str, Any]]) -> list[Any]:
     """Run the model on each request's tensor; requests of one shape run as one batch."""
     tensors = [decode(body) for body in bodies]
     device = next(model.parameters(), torch.empty(0)).device
+    together = len({(t.shape, t.dtype) for t in tensors}) == 1
     try:
-        if len({(t.shape, t.dtype) for t in tensors}) == 1:
-            outputs = list(model(torch.stack(tensors).to(device)).unbind(0))
+        if together:
+            results = [model(torch.stack(tensors).to(device))]
         else:
-            outputs = [model(t.unsqueeze(0).to(device))[0] for t in tensors]
+            results = [model(t.unsqueeze(0).to(device)) for t in tensors]
     except (RuntimeError, TypeError, ValueError) as exc:  # wrong shape or dtype for this model
         shapes = sorted({str(tuple(t.shape)) for t in tensors})
         raise BadRequest(f"the model cannot run on inputs of shape {', '.join(shapes)}: {exc}") from exc
+    outputs = list(_main_output(results[0]).unbind(0)) if together else [_main_output(r)[0] for r in results]
     return [encode(out, bool(isinstance(body["inputs"], dict))) for out, body in zip(outputs, bodies, strict=True)]
+
+
+def _main_output(output: Any) -> torch.Tensor:
+    """The tensor to answer with: a plain module returns it; a transformers model returns a
+    ModelOutput (an ordered dict without its None fields) whose first field is the answer,
+    such as `logits` or `last_hidden_state`."""
+    if isinstance(output, dict) and output:
+        output = next(iter(output.values()))
+    elif isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}, not a tensor; serve it with a custom handler")
+    return output
 
 
 def fingerprint(model: nn.Module) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TextIO
 
 import ray
 import yaml
@@ -32,7 +34,7 @@ def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", 
     ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
     print(f"publishing {args.model.uri} ...", flush=True)
     started = time.perf_counter()
-    published = find_or_publish(args)
+    published = find_or_publish(args, progress=ProgressLine(sys.stdout))
     seconds = time.perf_counter() - started
     print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
     serve.start(http_options={"host": host, "port": port})
@@ -54,6 +56,29 @@ def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", 
         serve.delete(args.name)
         release(published)
         ray.shutdown()
+
+
+class ProgressLine:
+    """Publishing progress: one line redrawn in place on a terminal, a line per tenth in a log."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._started = time.perf_counter()
+        self._shown = -1  # percent last printed
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 0:
+            return  # the size is not known yet
+        percent = 100 * done // total
+        terminal = self._stream.isatty()
+        if percent == self._shown or (not terminal and percent // 10 == self._shown // 10):
+            return
+        self._shown = percent
+        rate = format_bytes(int(done / max(time.perf_counter() - self._started, 1e-6)))
+        text = f"  {format_bytes(done)} of {format_bytes(total)} in the object store ({percent}%, {rate}/s)"
+        end = "\n" if not terminal or done >= total else ""
+        self._stream.write(("\r" if terminal else "") + text + end)
+        self._stream.flush()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -9,7 +9,6 @@ name and attaches in milliseconds.
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import Any
 
 import ray
@@ -18,15 +17,15 @@ from ray import serve
 from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from torch import nn
 
+from ._architecture import architecture_factory
 from ._errors import ZeroCopyError
-from ._imports import import_callable
+from ._metrics import ReplicaMetrics
 from ._owner import NAMESPACE, actor_name, published_names
-from ._source import local_path, revision
+from ._source import local_path, revision, verify
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
-from .weights import PublishedModel, attach, attach_report, lookup, publish, release
+from .weights import Progress, PublishedModel, attach, attach_report, lookup, publish, release
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -39,16 +38,16 @@ def weights_name(args: AppArgs, digest: str) -> str:
     return f"{args.name}-{digest[:16]}"
 
 
-def find_or_publish(args: AppArgs) -> PublishedModel:
+def find_or_publish(args: AppArgs, progress: Progress | None = None) -> PublishedModel:
     """The published weights of this revision, publishing them if no replica has yet."""
     path = local_path(args.model)
     name = weights_name(args, revision(args.model, path))
     try:
         return lookup(name)
     except ZeroCopyError:
-        pass
+        verify(path, args.model)
     try:
-        return publish(path, name=name)
+        return publish(path, name=name, progress=progress)
     except ZeroCopyError as exc:
         if "already published" not in str(exc):
             raise
@@ -95,11 +94,6 @@ def _usage(name: str) -> tuple[float, bool]:
     return float(usage[0]), bool(usage[1])
 
 
-def _factory(args: AppArgs) -> partial[nn.Module]:
-    factory = import_callable(args.architecture.factory, "architecture.factory")
-    return partial(factory, **args.architecture.kwargs)
-
-
 @serve.deployment
 class ZeroCopyDeployment:
     """One replica: attaches in its constructor, serves JSON over HTTP."""
@@ -113,10 +107,11 @@ class ZeroCopyDeployment:
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = attach(
-            self.published, factory=_factory(self.args), write_guard=self.args.write_guard, device=device
-        ).eval()
+        factory = architecture_factory(self.args.architecture, local_path(self.args.model))
+        self.model = attach(self.published, factory=factory, write_guard=self.args.write_guard, device=device).eval()
         self.report = attach_report(self.model)
+        self.metrics = ReplicaMetrics(self.args.name, self.args.handler)
+        self.metrics.attached(self.report.attach_seconds, self.report.bytes_shared)
         self.fingerprint = fingerprint(self.model)
         self.largest_batch = 0
         # serve.batch methods carry these setters; its type stubs do not say so.
@@ -129,10 +124,17 @@ class ZeroCopyDeployment:
         try:
             body = await request.json()
         except ValueError as exc:
+            self.metrics.request(error="bad_request")
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
-        result = await self.batched(body)
+        try:
+            result = await self.batched(body)
+        except Exception:
+            self.metrics.request(error="internal")
+            raise
         if isinstance(result, BadRequest):
+            self.metrics.request(error="bad_request")
             return JSONResponse({"error": str(result)}, status_code=400)
+        self.metrics.request()
         return JSONResponse(result)
 
     @serve.batch(max_batch_size=1)

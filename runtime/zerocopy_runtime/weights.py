@@ -44,6 +44,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
+#: Called as progress(bytes_done, bytes_total) while publishing.
+Progress = Callable[[int, int], None]
+
 
 @dataclass(frozen=True)
 class PublishedModel:
@@ -82,6 +85,7 @@ def publish(
     namespace: str = NAMESPACE,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     only: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> PublishedModel:
     """Put `source` in this node's object store once and return its handle.
 
@@ -90,7 +94,8 @@ def publish(
     `.pt`). Checkpoints are read by the owner actor itself, straight from the
     file's pages. The objects stay until `release(name)`, whatever happens to
     the calling process. `only` restricts sharing to those attributes of a
-    pipeline (the rest travels by value).
+    pipeline (the rest travels by value). `progress(done, total)` is called
+    with bytes copied into the store as publishing goes on, ending with done == total.
     """
     name = name or f"model-{uuid.uuid4().hex[:12]}"
     taken = ZeroCopyError(
@@ -118,19 +123,32 @@ def publish(
         raise taken from exc
     try:
         if collected is None:
-            ray.get(owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes))
+            _wait_reporting(owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes), owner, progress)
         else:
             ray.get(owner.describe.remote())  # started: the copy timing excludes process start-up
-            _hand_over(owner, collected, chunks, sizes)
+            _hand_over(owner, collected, chunks, sizes, progress)
     except BaseException:
         ray.kill(owner)
         raise
     return lookup(name, namespace=namespace)
 
 
-def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes: list[int]) -> None:
+def _wait_reporting(call: ray.ObjectRef, owner: Any, progress: Progress | None) -> None:
+    """Wait for the owner's publish call, asking it how far it got twice a second."""
+    if progress is not None:
+        while not ray.wait([call], timeout=0.5)[0]:
+            progress(*ray.get(owner.progress.remote()))
+    ray.get(call)
+    if progress is not None:
+        progress(*ray.get(owner.progress.remote()))
+
+
+def _hand_over(
+    owner: Any, collected: Collected, chunks: list[list[int]], sizes: list[int], progress: Progress | None
+) -> None:
     """Fill one spool buffer while the owner copies the other into the store."""
     started = time.perf_counter()
+    done, total = 0, sum(sizes)
     spool = Spool(max(layout([sizes[i] for i in members])[1] for members in chunks))
     pending: list[Any] = [None, None]
     try:
@@ -138,9 +156,14 @@ def _hand_over(owner: Any, collected: Collected, chunks: list[list[int]], sizes:
             slot = c % 2
             if pending[slot] is not None:
                 ray.get(pending[slot])
+                if progress is not None:
+                    progress(done, total)
             placed = spool.fill(slot, [collected.storages[i] for i in members])
             pending[slot] = owner.adopt_spooled.remote(spool.paths[slot], placed)
+            done += sum(sizes[i] for i in members)
         ray.get([p for p in pending if p is not None])
+        if progress is not None:
+            progress(total, total)
     finally:
         spool.close()
     manifest = Manifest(

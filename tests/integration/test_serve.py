@@ -235,3 +235,90 @@ def test_user_handler_by_import_path(app: Any) -> None:
 def test_bad_deployment_names_the_problem(app: Any, overrides: dict, message: str) -> None:
     with pytest.raises(RuntimeError, match=message):
         app(**overrides)
+
+
+def test_store_too_small_fails_the_deployment_with_sizes_and_publishes_nothing(app: Any, tmp_path: Path) -> None:
+    from ray import serve
+
+    from zerocopy_runtime._owner import published_names
+
+    # A sparse 400 MiB checkpoint: the room check must refuse it before reading a byte.
+    checkpoint = _sparse_safetensors(tmp_path / "big.safetensors", "weights.0", 100 * 2**20)
+    with pytest.raises(RuntimeError, match="failed"):
+        app(
+            model={"uri": str(checkpoint)},
+            architecture={"factory": "tests.models:Sized", "kwargs": {"mib": 400, "tensors": 1}},
+        )
+    message = serve.status().applications["mlp"].deployments["ZeroCopyDeployment"].message
+    assert "400.0 MiB of object store memory" in message
+    assert "objectStoreMemory" in message
+    assert not [n for n in published_names() if n.startswith("mlp-")]
+
+
+def _sparse_safetensors(path: Path, key: str, floats: int) -> Path:
+    header = json.dumps({key: {"dtype": "F32", "shape": [floats], "data_offsets": [0, 4 * floats]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with path.open("wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * floats)
+    return path
+
+
+def test_metrics_count_requests_and_errors_by_handler(app: Any) -> None:
+    import ray
+
+    url = app(name="mlp-metrics")
+    for body in ({"inputs": torch.randn(16).tolist()}, {"inputs": torch.randn(16).tolist()}, {"wrong": 1}):
+        _post(url, body)
+    info = _get(url + "/-/info")
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    labels = {"model": "mlp-metrics", "handler": "tensor"}
+
+    def exported() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            "requests": _metric(text, "ray_zerocopy_requests_total", labels),
+            "bad": _metric(text, "ray_zerocopy_request_errors_total", {**labels, "reason": "bad_request"}),
+            "shared": _metric(text, "ray_zerocopy_shared_bytes", labels),
+            "attach": _metric(text, "ray_zerocopy_attach_seconds", labels),
+        }
+
+    # Ray exports metrics every few seconds: wait for the counts to arrive.
+    assert _eventually(lambda: exported()["requests"] == 3 and exported()["bad"] == 1)
+    final = exported()
+    assert final["shared"] == info["bytes_shared"]
+    assert final["attach"] == pytest.approx(info["attach_seconds"])
+
+
+def _metric(text: str, name: str, labels: dict[str, str]) -> float:
+    """The sum of the samples of `name` whose labels include `labels`, in Prometheus text format."""
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if not series.startswith(name + "{"):
+            continue
+        found = dict(pair.split("=", 1) for pair in series[len(name) + 1 : -1].split(","))
+        if all(found.get(key) == f'"{wanted}"' for key, wanted in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_transformers_model_is_built_from_its_config_json(app: Any, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "tiny-gpt2")  # model.safetensors and config.json; lm_head tied to wte
+    url = app(model={"uri": str(tmp_path / "tiny-gpt2")}, architecture={"transformers": "GPT2LMHeadModel"})
+    ids = [3, 14, 15, 9, 2]
+    status, body = _post(url, {"inputs": ids, "dtype": "int64"})
+    assert status == 200, body
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    assert body["shape"] == [len(ids), 64]
+    assert torch.allclose(torch.tensor(body["outputs"]), expected, atol=1e-5)
+    info = _get(url + "/-/info")
+    assert info["shared"] is True
+    tied_once = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    assert info["bytes_shared"] == sum(tied_once.values())  # lm_head shares the token embedding: stored once

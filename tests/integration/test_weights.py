@@ -362,3 +362,18 @@ def test_factory_keeps_ties_made_before_registration(published: list, tmp_path: 
 def test_publishing_nothing_is_refused(ray_session: None) -> None:
     with pytest.raises(zc.ZeroCopyError, match="no tensors"):
         zc.publish(nn.ReLU())
+
+
+@pytest.mark.parametrize("from_file", [False, True], ids=["module", "checkpoint"])
+def test_progress_reports_bytes_up_to_the_whole_model(published: list, tmp_path: Path, from_file: bool) -> None:
+    model = Sized(24, tensors=12)
+    source: object = model
+    if from_file:
+        save_file(model.state_dict(), tmp_path / "sized.safetensors")
+        source = tmp_path / "sized.safetensors"
+    calls: list[tuple[int, int]] = []
+    handle = _publish(published, source, chunk_bytes=4 * 2**20, progress=lambda *call: calls.append(call))
+    assert calls, "progress was never reported"
+    assert calls[-1] == (handle.nbytes, handle.nbytes)
+    done = [d for d, total in calls if total]
+    assert done == sorted(done)  # never goes backwards

@@ -42,3 +42,28 @@ def test_wrong_kind_and_bad_fields_are_named() -> None:
     resource["spec"]["serving"]["replicas"] = 0
     with pytest.raises(ValidationError, match="replicas"):
         from_resource(resource)
+
+
+def test_transformers_architecture_takes_its_config_relative_to_the_file() -> None:
+    resource = yaml.safe_load(EXAMPLE.read_text())
+    resource["spec"]["model"]["architecture"] = {"transformers": "GPT2LMHeadModel", "config": "gpt2/config.json"}
+    args, _ = from_resource(resource, base_dir=Path("/models"))
+    assert (args.architecture.transformers, args.architecture.config) == ("GPT2LMHeadModel", "/models/gpt2/config.json")
+
+
+@pytest.mark.parametrize(
+    ("architecture", "message"),
+    [
+        ({}, "exactly one of"),
+        ({"factory": "a.b:c", "transformers": "GPT2LMHeadModel"}, "exactly one of"),
+        ({"transformers": "GPT2LMHeadModel", "kwargs": {"n": 1}}, "kwargs go with `factory`"),
+        ({"factory": "a.b:c", "config": "c.json"}, "config goes with `transformers`"),
+        ({"transformers": "gpt2"}, "should match pattern"),
+    ],
+    ids=["neither", "both", "kwargs-for-transformers", "config-for-factory", "lowercase-class"],
+)
+def test_architecture_needs_exactly_one_way_to_build(architecture: dict, message: str) -> None:
+    resource = yaml.safe_load(EXAMPLE.read_text())
+    resource["spec"]["model"]["architecture"] = architecture
+    with pytest.raises(ValidationError, match=message):
+        from_resource(resource)

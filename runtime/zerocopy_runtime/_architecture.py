@@ -1,0 +1,58 @@
+"""The model's structure, built without weights: from a factory or a transformers class.
+
+`attach` calls the returned callable with parameters on the meta device, so
+building even a large transformers model costs milliseconds and no memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ._errors import CheckpointError
+from ._imports import import_callable
+from .config import Architecture
+
+
+def architecture_factory(architecture: Architecture, weights: Path) -> Callable[[], nn.Module]:
+    """A callable building the architecture; `weights` locates a transformers config.json by default."""
+    if architecture.transformers is not None:
+        config = Path(architecture.config) if architecture.config else weights
+        return partial(_transformers_model, architecture.transformers, _config_dir(config))
+    assert architecture.factory is not None  # the config type requires one of the two
+    factory = import_callable(architecture.factory, "architecture.factory")
+    return partial(factory, **architecture.kwargs)
+
+
+def _config_dir(path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"architecture.transformers needs a config.json, and there is none in {folder}. Save the model with "
+            "save_pretrained() so config.json sits next to the weights, or set architecture.config."
+        )
+    return folder
+
+
+def _transformers_model(class_name: str, config_dir: Path) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise CheckpointError(
+            "architecture.transformers needs the transformers package in the runtime: "
+            "pip install 'zerocopy-operator[hf]'."
+        ) from exc
+    cls: Any = getattr(transformers, class_name, None)
+    auto = class_name.startswith("Auto") and hasattr(cls, "from_config")
+    if not auto and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(
+            f"architecture.transformers {class_name!r} is not a model class of transformers "
+            f"{transformers.__version__}; use a class such as GPT2LMHeadModel or AutoModelForCausalLM."
+        )
+    config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    model: nn.Module = cls.from_config(config) if auto else cls(config)
+    return model
