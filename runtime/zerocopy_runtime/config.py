@@ -141,7 +141,7 @@ def from_resource(resource: dict[str, Any], base_dir: Path | None = None) -> tup
                 "max_batch_size": batching.get("maxBatchSize", 1),
                 "batch_wait_timeout_s": batching.get("batchWaitTimeoutS", 0.01),
             },
-            "device": serving.get("device", "cpu"),
+            "device": serving.get("device", "auto"),
             "write_guard": serving.get("writeGuard", True),
         }
     )

@@ -15,12 +15,10 @@ import kmock
 import multidict
 import yaml
 
-from tests.kube import _errors
+from tests.kube import _errors, _patches, _protobuf
 
 #: Sub-paths of `/api/v1/namespaces/<name>/...` that are subresources of the Namespace, not resources in it.
 NAMESPACE_SUBRESOURCES = frozenset({"status", "finalize"})
-
-APPLY_PATCH = "application/apply-patch+yaml"
 
 
 @attrs.frozen
@@ -78,38 +76,46 @@ def content_type(headers: multidict.MultiMapping[str]) -> str:
     return headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
 
 
-def decode_body(request: kmock.Request) -> Any:
-    """The request body as data: YAML for server-side apply (JSON is YAML too), JSON otherwise; None if empty."""
-    if not request.body.strip():
+def decode_body(body: bytes, headers: multidict.MultiMapping[str]) -> Any:
+    """The body as data (None if empty): YAML for server-side apply (JSON is YAML too), protobuf as kubectl
+    sends the objects it generates, JSON otherwise. Raises the API server's 4xx errors if it cannot."""
+    if not body.strip():
         return None
+    if content_type(headers) == _protobuf.CONTENT_TYPE:
+        return _protobuf.decode(body)
     try:
-        if content_type(request.headers) == APPLY_PATCH:
-            return yaml.safe_load(request.text)
-        return json.loads(request.body)
+        if content_type(headers) == _patches.APPLY_PATCH:
+            return yaml.safe_load(body)
+        return json.loads(body)
     except (ValueError, yaml.YAMLError) as exc:
         raise _errors.bad_request(f"the request body is not valid: {exc}") from exc
 
 
 async def parse_request(raw_request: aiohttp.web.BaseRequest, *, id: int) -> kmock.Request:
     body = await raw_request.read()
+    headers = multidict.CIMultiDict(raw_request.headers)
+    try:
+        data = decode_body(body, headers)
+    except kmock.KubernetesError:
+        data = None  # reported by the handler that needs the body
     address = parse_address(raw_request.path)
     resource = None
     if address.group is not None:
         resource = kmock.resource(group=address.group, version=address.version, plural=address.plural)
-    request = kmock.Request(
+    return kmock.Request(
         id=id,
         raw_request=raw_request,
         url=raw_request.url,
         method=raw_request.method,
         params=dict(raw_request.query),
-        headers=multidict.CIMultiDict(raw_request.headers),
+        headers=headers,
         cookies=dict(raw_request.cookies),
         body=body,
         text=body.decode("utf-8", errors="replace"),
+        data=data,
         action=guess_action(raw_request.method, address, raw_request.query),
         resource=resource,
         namespace=address.namespace,
         name=address.name,
         subresource=address.subresource,
     )
-    return request

@@ -1,0 +1,322 @@
+"""The ZeroCopyModel API: spec and status as typed models, the single source of truth.
+
+The CRD (`zerocopy crd`, committed as crds/zerocopymodels.zerocopy.dev.yaml)
+is generated from these classes, and the operator validates every resource
+with them, so the API server and the operator can never disagree on a field.
+Rules that span fields are written twice, side by side: as a pydantic
+validator (offline `zerocopy validate`, the operator) and as a CEL rule in
+`x-kubernetes-validations` (the API server, at `kubectl apply`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "zerocopy.dev"
+VERSION = "v1alpha1"
+KIND = "ZeroCopyModel"
+PLURAL = "zerocopymodels"
+SHORT_NAME = "zcm"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: The Ray version the runtime image is built for; a cluster may pin another.
+DEFAULT_RAY_VERSION = "2.60.0"
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+_IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+def _quantity(value: int | str) -> int | str:
+    if not _QUANTITY.match(str(value)):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 16Gi, 512Mi, 4 or 500m")
+    return value
+
+
+#: A Kubernetes quantity ("16Gi", "500m", 4): an int-or-string in the CRD, like the API's own.
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_quantity),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+]
+
+
+def _cel(*rules: tuple[str, str]) -> ConfigDict:
+    """Model config with CEL rules the API server enforces; `rules` are (expression, message)."""
+    return _config(json_schema_extra={"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]})
+
+
+def _config(**overrides: Any) -> ConfigDict:
+    """Strict, camelCase like every Kubernetes API; status types allow unknown fields (`overrides`)."""
+    settings: dict[str, Any] = {"extra": "forbid", "alias_generator": to_camel, "populate_by_name": True}
+    return ConfigDict(**(settings | overrides))  # type: ignore[typeddict-item]
+
+
+class _Spec(BaseModel):
+    model_config = _config()
+
+
+class SecretReference(_Spec):
+    """A Secret in the model's namespace whose keys become environment variables of every Ray pod."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name (for example AWS_ACCESS_KEY_ID keys).")
+
+
+class Architecture(_Spec):
+    """How replicas build the model without weights: exactly one of factory or transformers."""
+
+    model_config = _cel(
+        (
+            "has(self.factory) != has(self.transformers)",
+            "set exactly one of architecture.factory or architecture.transformers",
+        )
+    )
+
+    factory: str | None = Field(
+        default=None, pattern=_IMPORT_PATH, description="Import path `package.module:function` returning an nn.Module."
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    transformers: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z]\w*$",
+        description="A transformers model class (GPT2LMHeadModel, AutoModelForCausalLM) built from config.json.",
+    )
+    config: str | None = Field(default=None, description="Path of config.json for `transformers`; default: beside.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Architecture:
+        if (self.factory is None) == (self.transformers is None):
+            raise ValueError("set exactly one of architecture.factory or architecture.transformers")
+        return self
+
+
+class ModelSource(_Spec):
+    """The weights: where they are, in which format, how to check them."""
+
+    uri: str = Field(
+        min_length=1,
+        pattern=r"^((file|s3|gs|hf|https?)://|/).+",
+        description="file:// or absolute path on the nodes, s3://, gs://, hf://org/name@revision, or http(s)://.",
+    )
+    format: Literal["auto", "safetensors", "torch"] = Field(
+        default="auto", description="Checkpoint format; auto looks at the file names."
+    )
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Checked when publishing; also names the revision."
+    )
+    size: Quantity | None = Field(
+        default=None, description="Expected size of the weights (for example 5Gi), checked against object stores."
+    )
+    architecture: Architecture
+    credentials_secret: SecretReference | None = Field(
+        default=None, description="Secret with the storage credentials, as environment variables; never inline."
+    )
+
+
+class Autoscaling(_Spec):
+    """Serve autoscaling of the replicas."""
+
+    model_config = _cel(("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"))
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas (0 scales to zero).")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
+    target_ongoing_requests: float = Field(default=2, gt=0, description="Requests in flight per replica to aim at.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling.minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+
+class Batching(_Spec):
+    """Dynamic batching: up to maxBatchSize requests, waiting at most batchWaitTimeoutS to fill."""
+
+    max_batch_size: int = Field(default=1, ge=1, le=4096, description="1 turns batching off.")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10, description="Seconds to wait for a fuller batch.")
+
+
+class Serving(_Spec):
+    """The Serve application: route, handler, replicas and what each replica needs."""
+
+    model_config = _cel(
+        ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both")
+    )
+
+    route_prefix: str | None = Field(
+        default=None, pattern=r"^/[-a-zA-Z0-9_/]*$", description="HTTP route; default /<name>."
+    )
+    handler: str = Field(
+        default="tensor", description="'tensor' (JSON tensors in and out) or `package.module:function`."
+    )
+    replicas: int | None = Field(default=None, ge=0, le=1000, description="Fixed replica count (default 1).")
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(default=16, ge=1, le=10000, description="Requests a replica takes at once.")
+    batching: Batching = Field(default_factory=Batching)
+    cpus_per_replica: float = Field(default=1, ge=0, le=512, description="Ray CPUs per replica (fractions allowed).")
+    gpus_per_replica: float = Field(default=0, ge=0, le=64, description="Ray GPUs per replica (fractions allowed).")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when a GPU is assigned.")
+    write_guard: bool = Field(default=True, description="Map shared weights read-only in every replica.")
+    health_check_period_s: float = Field(default=10, gt=0, le=3600)
+    health_check_timeout_s: float = Field(default=30, gt=0, le=3600)
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, value: str) -> str:
+        if value != "tensor" and not re.match(_IMPORT_PATH, value):
+            raise ValueError(f"handler {value!r} must be 'tensor' or an import path `package.module:function`")
+        return value
+
+    @model_validator(mode="after")
+    def _one_count(self) -> Serving:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set serving.replicas or serving.autoscaling, not both")
+        return self
+
+
+class Toleration(_Spec):
+    """A pod toleration, as in the core API."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Head(_Spec):
+    """The Ray head pod. It runs no replicas (num-cpus 0) so that they land on workers."""
+
+    cpu: Quantity = Field(default="1", description="CPU request and limit.")
+    memory: Quantity = Field(default="4Gi", description="Memory for the head's processes.")
+    object_store_memory: Quantity = Field(default="1Gi", description="The head's object store (and /dev/shm).")
+
+
+class WorkerGroup(_Spec):
+    """A group of identical Ray worker pods: GPUs, CPU, memory and the object store the replicas share."""
+
+    model_config = _cel(("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"))
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40, description="Group name.")
+    replicas: int | None = Field(default=None, ge=0, le=1000, description="Pods to start; default minReplicas.")
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=1, ge=0, le=1000)
+    gpus: int = Field(default=0, ge=0, le=64, description="GPUs per pod.")
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    cpu: Quantity = Field(default="4", description="CPU request and limit per pod.")
+    memory: Quantity = Field(default="16Gi", description="Memory for the pod's processes, object store excluded.")
+    object_store_memory: Quantity = Field(
+        default="4Gi", description="Ray object store per pod: holds the shared weights; /dev/shm is sized to it."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, description="Default with GPUs: the GPU taint.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerGroup:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"worker group {self.name!r}: minReplicas ({self.min_replicas}) must not exceed "
+                f"maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+
+class Cluster(_Spec):
+    """The Ray cluster KubeRay runs for this model."""
+
+    ray_version: str = Field(default=DEFAULT_RAY_VERSION, pattern=r"^\d+\.\d+\.\d+$")
+    image: str | None = Field(default=None, description="Runtime image; default: the operator's runtime image.")
+    head: Head = Field(default_factory=Head)
+    worker_groups: list[WorkerGroup] = Field(
+        default_factory=lambda: [WorkerGroup(name="gpu", gpus=1)], min_length=1, max_length=16
+    )
+    enable_in_tree_autoscaling: bool = Field(default=False, description="KubeRay's autoscaler adds and removes pods.")
+
+
+class IncrementalUpgrade(_Spec):
+    """Options of KubeRay's NewClusterWithIncrementalUpgrade (needs the Gateway API)."""
+
+    gateway_class_name: str
+    step_size_percent: int = Field(ge=1, le=100)
+    interval_seconds: int = Field(ge=1)
+    max_surge_percent: int = Field(default=100, ge=1, le=100)
+
+
+class UpgradeStrategy(_Spec):
+    """How KubeRay rolls out cluster changes; model and serving changes are always in place."""
+
+    type: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = "NewCluster"
+    incremental: IncrementalUpgrade | None = None
+
+    @model_validator(mode="after")
+    def _options(self) -> UpgradeStrategy:
+        if (self.type == "NewClusterWithIncrementalUpgrade") != (self.incremental is not None):
+            raise ValueError("upgradeStrategy.incremental goes with type NewClusterWithIncrementalUpgrade, only")
+        return self
+
+
+class ZeroCopyModelSpec(_Spec):
+    """A PyTorch model served on Ray with its weights held once per node."""
+
+    model: ModelSource
+    serving: Serving = Field(default_factory=Serving)
+    cluster: Cluster = Field(default_factory=Cluster)
+    upgrade_strategy: UpgradeStrategy = Field(default_factory=UpgradeStrategy)
+
+
+class Condition(_Spec):
+    """A status condition in the Kubernetes convention."""
+
+    model_config = _config(extra="allow")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class WeightsInfo(_Spec):
+    """What the replicas report at <route>/-/info."""
+
+    model_config = _config(extra="allow")
+
+    name: str | None = None
+    revision: str | None = None
+    bytes: int | None = None
+    tensors: int | None = None
+    shared: bool | None = None
+    attach_seconds: float | None = None
+
+
+class ZeroCopyModelStatus(_Spec):
+    """What the operator observed, for people (printer columns) and tools (conditions)."""
+
+    model_config = _config(extra="allow")
+
+    observed_generation: int | None = None
+    phase: Literal["Pending", "Provisioning", "Ready", "Upgrading", "Failed"] | None = None
+    conditions: list[Condition] = Field(default_factory=list, description="Ready first, then Cluster, Weights, Serve.")
+    ray_service: str | None = Field(default=None, description="The RayService this model runs as.")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the model's route.")
+    weights: WeightsInfo | None = None
+    replicas: str | None = Field(default=None, description="Ready replicas / desired, for `kubectl get`.")
+    ready_replicas: int | None = None
+    desired_replicas: int | None = None
+
+
+#: Columns of `kubectl get zcm`.
+PRINTER_COLUMNS = [
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Replicas", "type": "string", "jsonPath": ".status.replicas"},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

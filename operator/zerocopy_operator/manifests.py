@@ -1,0 +1,216 @@
+"""Pure builders: a ZeroCopyModel in, the KubeRay RayService that serves it out. No I/O.
+
+Model and serving settings land in `serveConfigV2`, which KubeRay applies to
+the running cluster in place; cluster shape lands in `rayClusterConfig`,
+which KubeRay rolls out by its upgrade strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from zerocopy_runtime.config import from_resource
+
+from . import quantity
+from .api import Cluster, Head, Serving, WorkerGroup, ZeroCopyModelSpec
+
+#: The runtime's Serve application builder, as `serveConfigV2` imports it.
+IMPORT_PATH = "zerocopy_runtime.serve:build_app"
+DEPLOYMENT = "ZeroCopyDeployment"
+SERVE_PORT = 8000
+MODEL_LABEL = "zerocopy.dev/model"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "zerocopy-operator"}
+#: /dev/shm holds the object store plus Ray's own scratch: this much more, at least.
+SHM_HEADROOM = 256 * 2**20
+
+
+def parse_spec(resource: dict[str, Any]) -> ZeroCopyModelSpec:
+    """The typed spec; a pydantic ValidationError names every bad field."""
+    return ZeroCopyModelSpec.model_validate(resource.get("spec") or {})
+
+
+def route_prefix(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
+    return spec.serving.route_prefix or f"/{resource['metadata']['name']}"
+
+
+def endpoint(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
+    """The model's in-cluster URL, through the Serve service KubeRay creates for the RayService."""
+    meta = resource["metadata"]
+    return f"http://{meta['name']}-serve-svc.{meta['namespace']}.svc:{SERVE_PORT}{route_prefix(resource, spec)}"
+
+
+def build_rayservice(resource: dict[str, Any], default_image: str) -> dict[str, Any]:
+    """The RayService for a ZeroCopyModel (owner reference and namespace are set by the caller)."""
+    spec = parse_spec(resource)
+    name = resource["metadata"]["name"]
+    rayservice: dict[str, Any] = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name, "labels": {MODEL_LABEL: name, **MANAGED_BY}},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(build_serve_config(resource, spec), sort_keys=False),
+            "rayClusterConfig": build_ray_cluster(name, spec, default_image),
+            "upgradeStrategy": build_upgrade_strategy(spec),
+        },
+    }
+    return rayservice
+
+
+def build_serve_config(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> dict[str, Any]:
+    """Serve's config: the runtime's app with this model's args, and the deployment's options."""
+    args, _ = from_resource(resource)  # the same conversion `zerocopy serve` uses
+    return {
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [
+            {
+                "name": resource["metadata"]["name"],
+                "route_prefix": route_prefix(resource, spec),
+                "import_path": IMPORT_PATH,
+                "args": args.model_dump(mode="json"),
+                "deployments": [build_deployment_options(spec.serving)],
+            }
+        ],
+    }
+
+
+def build_deployment_options(serving: Serving) -> dict[str, Any]:
+    """Serve deployment options: changing these is an in-place update of the running app."""
+    options: dict[str, Any] = {"name": DEPLOYMENT}
+    if serving.autoscaling is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": serving.autoscaling.min_replicas,
+            "max_replicas": serving.autoscaling.max_replicas,
+            "target_ongoing_requests": serving.autoscaling.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = 1 if serving.replicas is None else serving.replicas
+    options["max_ongoing_requests"] = serving.max_ongoing_requests
+    options["health_check_period_s"] = serving.health_check_period_s
+    options["health_check_timeout_s"] = serving.health_check_timeout_s
+    options["ray_actor_options"] = {"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica}
+    return options
+
+
+def build_ray_cluster(name: str, spec: ZeroCopyModelSpec, default_image: str) -> dict[str, Any]:
+    cluster = spec.cluster
+    image = cluster.image or default_image
+    env_from = build_env_from(spec)
+    return {
+        "rayVersion": cluster.ray_version,
+        "enableInTreeAutoscaling": cluster.enable_in_tree_autoscaling,
+        "headGroupSpec": build_head_group(name, cluster.head, image, env_from),
+        "workerGroupSpecs": [build_worker_group(name, group, image, env_from) for group in cluster.worker_groups],
+    }
+
+
+def build_env_from(spec: ZeroCopyModelSpec) -> list[dict[str, Any]]:
+    """Storage credentials from the referenced Secret, as environment variables (never inline)."""
+    secret = spec.model.credentials_secret
+    return [{"secretRef": {"name": secret.name}}] if secret else []
+
+
+def build_head_group(name: str, head: Head, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
+    """The head: runs Serve's controller and proxy but no replicas (`num-cpus: 0`)."""
+    store = quantity.to_bytes(head.object_store_memory)
+    params = {"num-cpus": "0", "object-store-memory": str(store), "dashboard-host": "0.0.0.0"}
+    ports = [
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": SERVE_PORT},
+    ]
+    container = build_container("ray-head", image, head.cpu, head.memory, store, env_from, {}, ports)
+    return {"rayStartParams": params, "template": build_pod_template(name, "head", container, store, {}, [])}
+
+
+def build_worker_group(name: str, group: WorkerGroup, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
+    """A worker group: GPUs as limits, tolerations for the GPU taint, and the object store sized explicitly."""
+    store = quantity.to_bytes(group.object_store_memory)
+    params = {"object-store-memory": str(store)}
+    extra: dict[str, Any] = {}
+    if group.gpus:
+        params["num-gpus"] = str(group.gpus)
+        extra[group.gpu_resource] = group.gpus
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in group.tolerations]
+    if group.gpus and not tolerations:
+        tolerations = [{"key": group.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+    container = build_container("ray-worker", image, group.cpu, group.memory, store, env_from, extra, [])
+    replicas = group.min_replicas if group.replicas is None else group.replicas
+    return {
+        "groupName": group.name,
+        "replicas": max(group.min_replicas, min(replicas, group.max_replicas)),
+        "minReplicas": group.min_replicas,
+        "maxReplicas": group.max_replicas,
+        "rayStartParams": params,
+        "template": build_pod_template(name, group.name, container, store, dict(group.node_selector), tolerations),
+    }
+
+
+def shm_bytes(store: int) -> int:
+    """/dev/shm for an object store of `store` bytes: the store plus headroom for Ray's scratch files."""
+    return store + max(SHM_HEADROOM, store // 10)
+
+
+def build_container(
+    name: str,
+    image: str,
+    cpu: int | str,
+    memory: int | str,
+    store: int,
+    env_from: list[dict[str, Any]],
+    extra_resources: dict[str, Any],
+    ports: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A Ray container whose memory covers its processes and the memory-backed /dev/shm."""
+    total = quantity.memory(quantity.to_bytes(memory) + shm_bytes(store))
+    resources = {"cpu": str(cpu), "memory": total, **extra_resources}
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    if ports:
+        container["ports"] = ports
+    return container
+
+
+def build_pod_template(
+    name: str,
+    group: str,
+    container: dict[str, Any],
+    store: int,
+    node_selector: dict[str, str],
+    tolerations: list[dict[str, Any]],
+) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": quantity.memory(shm_bytes(store))}}],
+    }
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    labels = {MODEL_LABEL: name, "zerocopy.dev/group": group, **MANAGED_BY}
+    return {"metadata": {"labels": labels}, "spec": pod}
+
+
+def build_upgrade_strategy(spec: ZeroCopyModelSpec) -> dict[str, Any]:
+    strategy: dict[str, Any] = {"type": spec.upgrade_strategy.type}
+    incremental = spec.upgrade_strategy.incremental
+    if incremental is not None:
+        strategy["clusterUpgradeOptions"] = incremental.model_dump(by_alias=True)
+    return strategy
+
+
+def largest_worker(cluster: Cluster) -> tuple[int, float, int]:
+    """The most GPUs, CPUs and object-store bytes any one worker pod has."""
+    return (
+        max(g.gpus for g in cluster.worker_groups),
+        max(float(quantity.parse(g.cpu)) for g in cluster.worker_groups),
+        max(quantity.to_bytes(g.object_store_memory) for g in cluster.worker_groups),
+    )
