@@ -68,7 +68,7 @@ def build_serve_config(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> dic
                 "name": resource["metadata"]["name"],
                 "route_prefix": route_prefix(resource, spec),
                 "import_path": IMPORT_PATH,
-                "args": args.model_dump(mode="json"),
+                "args": args.model_dump(mode="json", exclude_none=True),
                 "deployments": [build_deployment_options(spec.serving)],
             }
         ],

@@ -28,9 +28,6 @@ class ModelSource(_Strict):
         min_length=1, description="file://, a local path, s3://, gs://, hf://org/name@revision, or http(s)://"
     )
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="verified when publishing")
-    credentials_env: list[str] = Field(
-        default_factory=list, description="environment variables holding credentials (from a Secret), never inline"
-    )
 
     @field_validator("uri")
     @classmethod

@@ -77,7 +77,7 @@ def anon():
             return int(line.split()[1]) * 1024
 before = anon()
 tensors = load_mapped(sys.argv[1])
-total = sum(float(t.double().sum()) for t in tensors.values())  # touch every byte
+total = sum(float(t.sum()) for t in tensors.values())  # reads every byte, allocates no temporary
 print(anon() - before, sum(t.nbytes for t in tensors.values()))
 """
 
@@ -90,8 +90,8 @@ def test_reading_safetensors_does_not_materialise_weights_in_heap(tmp_path: Path
     )  # fmt: skip
     anon_growth, nbytes = map(int, out.stdout.split())
     assert nbytes == 64 * 2**20
-    # .double() makes one 8 MiB temporary at a time; the 64 MiB stay in the page cache.
-    assert anon_growth < nbytes / 4
+    # The 64 MiB stay in the page cache; the heap grows by bookkeeping only.
+    assert anon_growth < nbytes / 16
 
 
 def test_corrupt_safetensors_header_is_reported(tmp_path: Path) -> None:

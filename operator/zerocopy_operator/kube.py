@@ -1,0 +1,79 @@
+"""The few Kubernetes API calls the operator makes, in one place.
+
+Everything else is pure; this module is the I/O seam. It uses the official
+client, configured in-cluster or from KUBECONFIG, exactly like kopf itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from .api import GROUP, PLURAL, VERSION
+
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayservices"
+KUBERAY_CRD = f"{RAY_PLURAL}.{RAY_GROUP}"
+
+
+class Kube:
+    """Typed-enough access to ZeroCopyModels, RayServices and CRDs."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api_client = client.ApiClient()
+        self._custom = client.CustomObjectsApi(api_client)
+        self._crds = client.ApiextensionsV1Api(api_client)
+
+    def kuberay_installed(self) -> bool:
+        try:
+            self._crds.read_custom_resource_definition(KUBERAY_CRD)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def get_rayservice(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: Any = self._custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    def create_rayservice(self, namespace: str, body: dict[str, Any]) -> None:
+        self._custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
+
+    def replace_rayservice(self, namespace: str, body: dict[str, Any]) -> None:
+        """PUT with the caller's resourceVersion: a concurrent change fails with 409 instead of being lost."""
+        name = body["metadata"]["name"]
+        self._custom.replace_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body)
+
+    def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: Any = self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    def list_models(self, namespace: str) -> list[dict[str, Any]]:
+        listed: Any = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        items: list[dict[str, Any]] = listed.get("items", [])
+        return items
+
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+    def annotate_model(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self._custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"annotations": annotations}}
+        )

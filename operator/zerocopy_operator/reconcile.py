@@ -1,0 +1,140 @@
+"""One reconciliation of a ZeroCopyModel: validate, build, adopt, apply, observe.
+
+Handlers call these functions and only translate their outcome into kopf's
+terms (PermanentError, TemporaryError, Events). Every step is idempotent: it
+can run again after an operator restart without creating anything twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from .api import ZeroCopyModelSpec
+from .kube import Kube
+from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix
+from .status import invalid_status, observed_status, weights_from_info
+from .validation import InvalidSpec, validate
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator is told at start-up (flags or environment; see the CLI)."""
+
+    default_image: str
+    #: Where a model's /-/info is read from; a test seam as much as a setting (a proxy, a port-forward).
+    info_url: str = "{endpoint}/-/info"
+    info_timeout_s: float = 2.0
+
+
+class NotOurs(Exception):
+    """A RayService with the model's name exists and belongs to something else."""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check(kube: Kube, resource: dict[str, Any]) -> ZeroCopyModelSpec:
+    """The spec, validated against the schema, the cluster shape and the namespace's other models."""
+    meta = resource["metadata"]
+    known = ((resource.get("status") or {}).get("weights") or {}).get("bytes")
+    return validate(resource, kube.list_models(meta["namespace"]), known_bytes=known)
+
+
+def refused_status(resource: dict[str, Any], error: InvalidSpec) -> dict[str, Any]:
+    previous = (resource.get("status") or {}).get("conditions") or []
+    return invalid_status(str(error), resource["metadata"].get("generation"), previous, now())
+
+
+def desired_rayservice(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The RayService, adopted: same namespace, owned by the model (deleted with it by the cluster's GC)."""
+    meta = resource["metadata"]
+    body = build_rayservice(resource, settings.default_image)
+    body["metadata"]["namespace"] = meta["namespace"]
+    body["metadata"]["ownerReferences"] = [
+        {
+            "apiVersion": resource["apiVersion"],
+            "kind": resource["kind"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    return body
+
+
+def apply(kube: Kube, resource: dict[str, Any], settings: Settings) -> tuple[str, dict[str, Any]]:
+    """Create the RayService, or put back what drifted from the desired one. Returns what it did."""
+    meta = resource["metadata"]
+    desired = desired_rayservice(resource, settings)
+    current = kube.get_rayservice(meta["namespace"], meta["name"])
+    if current is None:
+        kube.create_rayservice(meta["namespace"], desired)
+        return "created", desired
+    owners = current["metadata"].get("ownerReferences") or []
+    if not any(o.get("uid") == meta["uid"] for o in owners):
+        raise NotOurs(
+            f"RayService {meta['name']} already exists and is not owned by this ZeroCopyModel: "
+            "delete it or rename the model"
+        )
+    if contains(current, desired):
+        return "unchanged", current
+    merged = {**desired, "metadata": {**current["metadata"], **desired["metadata"]}}
+    merged["metadata"]["labels"] = {**(current["metadata"].get("labels") or {}), **desired["metadata"]["labels"]}
+    kube.replace_rayservice(meta["namespace"], merged)
+    return "updated", merged
+
+
+def contains(actual: Any, wanted: Any) -> bool:
+    """Whether `actual` has every field of `wanted` with the same value (fields the API server or
+    KubeRay add as defaults are not drift)."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(contains(actual.get(k), v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(wanted)
+            and all(contains(a, w) for a, w in zip(actual, wanted, strict=True))
+        )
+    return bool(actual == wanted)
+
+
+def observe(
+    kube: Kube, resource: dict[str, Any], spec: ZeroCopyModelSpec, settings: Settings, rayservice: Any = None
+) -> dict[str, Any]:
+    """The status to write, from the RayService (fetched unless given) and, once serving, /-/info."""
+    meta = resource["metadata"]
+    if rayservice is None:
+        rayservice = kube.get_rayservice(meta["namespace"], meta["name"])
+    url = endpoint(resource, spec)
+    weights = (resource.get("status") or {}).get("weights")
+    status = observed_status(resource, spec, rayservice, weights, url, now())
+    if status["phase"] in ("Ready", "Upgrading"):
+        info = read_info(settings, resource, spec, url)
+        if info is not None:
+            status = observed_status(resource, spec, rayservice, weights_from_info(info), url, now())
+    return status
+
+
+def read_info(settings: Settings, resource: dict[str, Any], spec: ZeroCopyModelSpec, url: str) -> dict[str, Any] | None:
+    """The replicas' /-/info, or None while it cannot be reached (the status keeps what it had)."""
+    meta = resource["metadata"]
+    target = settings.info_url.format(
+        endpoint=url, name=meta["name"], namespace=meta["namespace"], route=route_prefix(resource, spec)
+    )
+    try:
+        with urllib.request.urlopen(target, timeout=settings.info_timeout_s) as response:
+            info: dict[str, Any] = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return info
+
+
+def owner_name(rayservice: dict[str, Any]) -> str | None:
+    """The ZeroCopyModel a RayService was made for, from the label the builder sets."""
+    return (rayservice.get("metadata", {}).get("labels") or {}).get(MODEL_LABEL)

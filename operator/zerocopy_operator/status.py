@@ -1,0 +1,151 @@
+"""Pure functions from what the operator observed to a ZeroCopyModel's status.
+
+Conditions follow the Kubernetes convention: `Ready` first (the one a person
+or Argo CD looks at), then `ClusterReady`, `WeightsPublished` and
+`ServeReady`, each with a reason and a message. A condition keeps its
+lastTransitionTime while its status stays the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .api import ZeroCopyModelSpec
+from .manifests import DEPLOYMENT
+
+CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady")
+
+
+def condition(kind: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    return {"type": kind, "status": status, "reason": reason, "message": message}
+
+
+def invalid_status(message: str, generation: int | None, previous: list[dict[str, Any]], now: str) -> dict[str, Any]:
+    """The status of a resource the operator refuses: Failed, with the problems in Ready's message."""
+    conditions = [condition("Ready", False, "InvalidSpec", message)]
+    return {
+        "observedGeneration": generation,
+        "phase": "Failed",
+        "conditions": stamp(conditions, previous, now, generation),
+    }
+
+
+def observed_status(
+    resource: dict[str, Any],
+    spec: ZeroCopyModelSpec,
+    rayservice: dict[str, Any] | None,
+    weights: dict[str, Any] | None,
+    endpoint: str,
+    now: str,
+) -> dict[str, Any]:
+    """Status mirrored from the RayService KubeRay runs and the replicas' /-/info."""
+    meta = resource["metadata"]
+    previous = (resource.get("status") or {}).get("conditions") or []
+    desired = _desired_replicas(spec)
+    if rayservice is None:
+        conditions = [
+            condition("Ready", False, "RayServiceMissing", f"creating RayService {meta['name']}"),
+            condition("ClusterReady", False, "RayServiceMissing"),
+            condition("WeightsPublished", None, "NotServing"),
+            condition("ServeReady", False, "RayServiceMissing"),
+        ]
+        return _status(meta, "Pending", conditions, previous, now, None, None, 0, desired)
+    state = rayservice.get("status") or {}
+    by_type = {c.get("type"): c for c in state.get("conditions") or []}
+    app = ((state.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(meta["name"]) or {}
+    deployment = (app.get("serveDeploymentStatuses") or {}).get(DEPLOYMENT) or {}
+    cluster_ok = (by_type.get("Ready") or {}).get("status") == "True" or (
+        (state.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
+    ).get("state") == "ready"
+    cluster = condition(
+        "ClusterReady",
+        cluster_ok,
+        "ClusterReady" if cluster_ok else "ClusterStarting",
+        "" if cluster_ok else (by_type.get("Ready") or {}).get("message", "KubeRay is starting the Ray cluster"),
+    )
+    app_status = app.get("status", "")
+    serve_ok = app_status == "RUNNING"
+    failed = app_status in ("DEPLOY_FAILED", "UNHEALTHY")
+    serve_message = deployment.get("message") or app.get("message") or ""
+    serve = condition("ServeReady", serve_ok, app_status.title().replace("_", "") or "NotDeployed", serve_message)
+    published = condition(
+        "WeightsPublished",
+        True if weights else (False if failed else None),
+        "Published" if weights else ("DeployFailed" if failed else "Waiting"),
+        _weights_message(weights) if weights else "",
+    )
+    upgrading = (by_type.get("UpgradeInProgress") or {}).get("status") == "True"
+    ready = cluster_ok and serve_ok
+    if ready:
+        summary = condition("Ready", True, "Serving", f"serving at {endpoint}")
+    elif failed:
+        summary = condition("Ready", False, "ServeFailed", serve_message or f"application status {app_status}")
+    else:
+        summary = condition("Ready", False, "Provisioning", cluster["message"] or serve_message or "deploying")
+    phase = "Failed" if failed else "Upgrading" if upgrading else "Ready" if ready else "Provisioning"
+    ready_replicas = desired if deployment.get("status") == "HEALTHY" else 0
+    conditions = [summary, cluster, published, serve]
+    return _status(meta, phase, conditions, previous, now, endpoint, weights, ready_replicas, desired)
+
+
+def _desired_replicas(spec: ZeroCopyModelSpec) -> int:
+    if spec.serving.autoscaling is not None:
+        return spec.serving.autoscaling.min_replicas
+    return 1 if spec.serving.replicas is None else spec.serving.replicas
+
+
+def _weights_message(weights: dict[str, Any]) -> str:
+    mib = (weights.get("bytes") or 0) / 2**20
+    shared = "shared zero-copy" if weights.get("shared") else "NOT shared"
+    return f"{mib:.1f} MiB in {weights.get('tensors')} tensors, revision {weights.get('revision')}, {shared}"
+
+
+def _status(
+    meta: dict[str, Any],
+    phase: str,
+    conditions: list[dict[str, Any]],
+    previous: list[dict[str, Any]],
+    now: str,
+    endpoint: str | None,
+    weights: dict[str, Any] | None,
+    ready: int,
+    desired: int,
+) -> dict[str, Any]:
+    return {
+        "observedGeneration": meta.get("generation"),
+        "phase": phase,
+        "conditions": stamp(conditions, previous, now, meta.get("generation")),
+        "rayService": meta["name"],
+        "endpoint": endpoint,
+        "weights": weights,
+        "replicas": f"{ready}/{desired}",
+        "readyReplicas": ready,
+        "desiredReplicas": desired,
+    }
+
+
+def stamp(
+    conditions: list[dict[str, Any]], previous: list[dict[str, Any]], now: str, generation: int | None
+) -> list[dict[str, Any]]:
+    """Set lastTransitionTime: kept from `previous` while a condition's status is unchanged."""
+    before = {c.get("type"): c for c in previous}
+    stamped = []
+    for item in conditions:
+        old = before.get(item["type"]) or {}
+        unchanged = old.get("status") == item["status"] and old.get("lastTransitionTime")
+        since = old["lastTransitionTime"] if unchanged else now
+        stamped.append({**item, "lastTransitionTime": since, "observedGeneration": generation})
+    return stamped
+
+
+def weights_from_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's /-/info answer, reduced to the status's weights fields."""
+    return {
+        "name": info.get("weights"),
+        "revision": info.get("revision"),
+        "bytes": info.get("bytes_shared"),
+        "tensors": info.get("tensor_count"),
+        "shared": info.get("shared"),
+        "attachSeconds": info.get("attach_seconds"),
+    }

@@ -1,0 +1,94 @@
+"""The status a ZeroCopyModel shows, from what KubeRay and the replicas report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from zerocopy_operator.manifests import parse_spec
+from zerocopy_operator.status import observed_status, weights_from_info
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+URL = "http://tiny-mlp-serve-svc.models.svc:8000/tiny-mlp"
+
+
+def _resource() -> dict[str, Any]:
+    resource = yaml.safe_load((ROOT / "examples" / "tiny-mlp.yaml").read_text())
+    resource["metadata"].update(namespace="models", generation=3)
+    return resource
+
+
+def _rayservice(ready: bool, app: str, deployment: str = "HEALTHY", message: str = "") -> dict[str, Any]:
+    return {
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": "True" if ready else "False", "message": "cluster starting"},
+                {"type": "UpgradeInProgress", "status": "False"},
+            ],
+            "activeServiceStatus": {
+                "applicationStatuses": {
+                    "tiny-mlp": {
+                        "status": app,
+                        "message": message,
+                        "serveDeploymentStatuses": {"ZeroCopyDeployment": {"status": deployment, "message": message}},
+                    }
+                }
+            },
+        }
+    }
+
+
+def _conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_no_rayservice_yet_is_pending() -> None:
+    resource = _resource()
+    status = observed_status(resource, parse_spec(resource), None, None, URL, "t0")
+    assert status["phase"] == "Pending"
+    assert status["conditions"][0]["type"] == "Ready"
+    assert _conditions(status)["Ready"] == ("False", "RayServiceMissing")
+
+
+def test_serving_rayservice_makes_the_model_ready_with_its_endpoint_and_weights() -> None:
+    resource = _resource()
+    info = {"weights": "tiny-mlp-ab", "revision": "ab", "bytes_shared": 2**20, "tensor_count": 8, "shared": True}
+    status = observed_status(
+        resource, parse_spec(resource), _rayservice(True, "RUNNING"), weights_from_info(info), URL, "t1"
+    )
+    assert status["phase"] == "Ready"
+    assert _conditions(status) == {
+        "Ready": ("True", "Serving"),
+        "ClusterReady": ("True", "ClusterReady"),
+        "WeightsPublished": ("True", "Published"),
+        "ServeReady": ("True", "Running"),
+    }
+    assert status["endpoint"] == URL
+    assert (status["replicas"], status["observedGeneration"]) == ("2/2", 3)
+    assert "1.0 MiB in 8 tensors" in status["conditions"][2]["message"]
+
+
+def test_failed_deployment_says_why() -> None:
+    resource = _resource()
+    rayservice = _rayservice(True, "DEPLOY_FAILED", "UNHEALTHY", "Checksum mismatch for /models/m: fix model.sha256")
+    status = observed_status(resource, parse_spec(resource), rayservice, None, URL, "t1")
+    assert status["phase"] == "Failed"
+    assert _conditions(status)["Ready"] == ("False", "ServeFailed")
+    assert "fix model.sha256" in status["conditions"][0]["message"]
+    assert status["replicas"] == "0/2"
+
+
+def test_transition_time_moves_only_when_a_condition_changes() -> None:
+    resource = _resource()
+    spec = parse_spec(resource)
+    first = observed_status(resource, spec, _rayservice(False, "DEPLOYING", "UPDATING"), None, URL, "t1")
+    resource["status"] = first
+    second = observed_status(resource, spec, _rayservice(True, "RUNNING"), None, URL, "t2")
+    times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
+    assert times["Ready"] == "t2"  # False -> True
+    assert times["WeightsPublished"] == "t1"  # Unknown both times
