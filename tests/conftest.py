@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STORE_BYTES = 384 * 2**20
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kubeconfig",
+        default=None,
+        help="run the operator tests against this cluster instead of the API emulator on 127.0.0.1",
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

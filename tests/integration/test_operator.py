@@ -1,0 +1,314 @@
+"""The real operator process and the real kubectl against a Kubernetes API.
+
+By default the API is the emulator in tests/kube (127.0.0.1). With
+`--kubeconfig PATH` the same tests run against that cluster (KubeRay's CRDs
+installed, its controller stopped: these tests play KubeRay's part by
+patching RayService status).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.kube.emulator import Cluster, running_emulator
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBERAY_CRD = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+INFO = {"weights": "m-0123", "revision": "0123", "bytes_shared": 3 * 2**20, "tensor_count": 8, "shared": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    kubeconfig = request.config.getoption("--kubeconfig")
+    if kubeconfig:
+        cache = tmp_path_factory.mktemp("kube-cache")
+        yield Cluster(kubeconfig=Path(kubeconfig), url="", cache_dir=cache)
+        return
+    if not KUBERAY_CRD.is_file():
+        pytest.skip(f"KubeRay's CRDs are not at {KUBERAY_CRD} (they come with ../shared/kuberay-crds)")
+    with running_emulator(tmp_path_factory.mktemp("emulator")) as emulated:
+        yield emulated
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster) -> Iterator[str]:
+    cluster.kubectl("apply", "-f", str(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"), check=True)
+    if cluster.kubectl("get", "crd", "rayservices.ray.io").returncode != 0:
+        cluster.kubectl("apply", "-f", str(KUBERAY_CRD), check=True)
+    name = f"zerocopy-it-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name, check=True)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+class _Info(BaseHTTPRequestHandler):
+    """Plays the replicas' GET <route>/-/info."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({**INFO, "route": self.path}).encode()
+        self.send_response(200 if self.path.endswith("/-/info") else 404)
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # quiet
+
+
+@pytest.fixture(scope="module")
+def info_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Info)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}{{route}}/-/info"
+    server.shutdown()
+
+
+class Operator:
+    """`python -m zerocopy_operator` in a subprocess, watching one namespace; restartable."""
+
+    def __init__(self, cluster: Cluster, namespace: str, info_url: str, log: Path) -> None:
+        self.cluster, self.namespace, self.info_url, self.log = cluster, namespace, info_url, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        port = _free_port()
+        command = [
+            sys.executable, "-m", "zerocopy_operator", "--namespace", self.namespace, "--verbose",
+            "--liveness", f"http://127.0.0.1:{port}/healthz", "--info-url", self.info_url, "--image", "runtime:test",
+        ]  # fmt: skip
+        env = {**self.cluster.env(), "PYTHONPATH": str(ROOT)}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        eventually(lambda: self._live(port) or self._exited(), timeout=60, what="the operator's liveness endpoint")
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+
+    def _live(self, port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def _exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, namespace: str, info_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    running = Operator(cluster, namespace, info_url, tmp_path_factory.mktemp("operator") / "operator.log")
+    running.start()
+    yield running
+    running.stop()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "the condition") -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.3)
+
+
+def _model(name: str, **serving: Any) -> dict[str, Any]:
+    resource = yaml.safe_load((ROOT / "examples" / "tiny-mlp.yaml").read_text())
+    resource["metadata"] = {"name": name}
+    resource["spec"]["model"]["uri"] = "file:///models/tiny-mlp.safetensors"
+    resource["spec"]["serving"].update(routePrefix=f"/{name}", **serving)
+    return resource
+
+
+def _apply(cluster: Cluster, namespace: str, resource: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(resource), check=True)
+
+
+def _get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    out = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json")
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def _serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    return config
+
+
+def _condition(resource: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]:
+    conditions = ((resource or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def _play_kuberay(cluster: Cluster, namespace: str, name: str) -> None:
+    """What KubeRay writes once the cluster is up and the Serve app runs."""
+    status = {
+        "conditions": [{"type": "Ready", "status": "True", "reason": "RayServiceReady", "message": "ready"}],
+        "activeServiceStatus": {
+            "applicationStatuses": {
+                name: {"status": "RUNNING", "serveDeploymentStatuses": {"ZeroCopyDeployment": {"status": "HEALTHY"}}}
+            }
+        },
+    }
+    cluster.kubectl(
+        "patch", "rayservice", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}), check=True,
+    )  # fmt: skip
+
+
+def test_a_model_becomes_an_owned_rayservice_then_ready_with_endpoint_and_weights(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _model("alpha"))
+    rayservice = eventually(lambda: _get(cluster, namespace, "rayservice", "alpha"), what="RayService alpha")
+    model = _get(cluster, namespace, "zcm", "alpha")
+    assert model is not None
+    owner = rayservice["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "ZeroCopyModel", "alpha", model["metadata"]["uid"], True,
+    )  # fmt: skip
+    assert _serve_config(rayservice)["applications"][0]["import_path"] == "zerocopy_runtime.serve:build_app"
+    eventually(lambda: _condition(_get(cluster, namespace, "zcm", "alpha")).get("reason") == "Provisioning")
+
+    _play_kuberay(cluster, namespace, "alpha")
+    waited = cluster.kubectl("wait", "zcm/alpha", "-n", namespace, "--for=condition=Ready", "--timeout=60s")
+    assert waited.returncode == 0, waited.stderr
+    status = (_get(cluster, namespace, "zcm", "alpha") or {})["status"]
+    assert status["phase"] == "Ready"
+    assert status["endpoint"] == f"http://alpha-serve-svc.{namespace}.svc:8000/alpha"
+    assert status["weights"]["bytes"] == INFO["bytes_shared"]
+    assert _condition({"status": status}, "WeightsPublished")["status"] == "True"
+    assert status["replicas"] == "2/2"
+
+
+def test_a_spec_edit_changes_the_serve_config_in_place(cluster: Cluster, namespace: str, operator: Operator) -> None:
+    _apply(cluster, namespace, _model("beta", replicas=1))
+    first = eventually(lambda: _get(cluster, namespace, "rayservice", "beta"), what="RayService beta")
+    _apply(cluster, namespace, _model("beta", replicas=3))
+
+    def updated() -> dict[str, Any] | None:
+        current = _get(cluster, namespace, "rayservice", "beta")
+        deployment = _serve_config(current)["applications"][0]["deployments"][0] if current else {}
+        return current if deployment.get("num_replicas") == 3 else None
+
+    second = eventually(updated, what="num_replicas 3 in serveConfigV2")
+    assert second["metadata"]["uid"] == first["metadata"]["uid"]  # updated, not replaced by a new one
+    assert second["spec"]["rayClusterConfig"] == first["spec"]["rayClusterConfig"]
+
+
+def test_a_rayservice_deleted_or_edited_by_hand_is_restored(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _model("gamma"))
+    original = eventually(lambda: _get(cluster, namespace, "rayservice", "gamma"), what="RayService gamma")
+    cluster.kubectl("delete", "rayservice", "gamma", "-n", namespace, "--wait=false", check=True)
+    restored = eventually(
+        lambda: (
+            (r := _get(cluster, namespace, "rayservice", "gamma"))
+            and r["metadata"]["uid"] != original["metadata"]["uid"]
+            and r
+        ),
+        what="RayService gamma re-created",
+    )
+    assert restored["spec"]["serveConfigV2"] == original["spec"]["serveConfigV2"]
+    edit = {"spec": {"rayClusterConfig": {"rayVersion": "2.0.0"}}}
+    cluster.kubectl("patch", "rayservice", "gamma", "-n", namespace, "--type=merge", "-p", json.dumps(edit), check=True)
+    eventually(
+        lambda: (
+            (_get(cluster, namespace, "rayservice", "gamma") or {})["spec"]["rayClusterConfig"]["rayVersion"]
+            == original["spec"]["rayClusterConfig"]["rayVersion"]
+        ),
+        what="the hand edit of rayVersion to be put back",
+    )
+
+
+def test_a_bad_model_gets_a_condition_and_an_event_while_others_reconcile(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _model("broken", gpusPerReplica=2))
+    _apply(cluster, namespace, _model("fine"))
+    ready = eventually(
+        lambda: (
+            _condition(_get(cluster, namespace, "zcm", "broken")).get("reason") == "InvalidSpec"
+            and _condition(_get(cluster, namespace, "zcm", "broken"))
+        ),
+        what="broken's InvalidSpec condition",
+    )
+    assert ready["status"] == "False"
+    assert "gpusPerReplica is 2 but no worker group has more than 0 GPUs" in ready["message"]
+    assert (_get(cluster, namespace, "zcm", "broken") or {})["status"]["phase"] == "Failed"
+    eventually(lambda: _get(cluster, namespace, "rayservice", "fine"), what="RayService fine, despite broken")
+    assert _get(cluster, namespace, "rayservice", "broken") is None
+
+    def warning() -> dict[str, Any] | None:
+        events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout)
+        return next(
+            (e for e in events["items"] if e["involvedObject"]["name"] == "broken" and e["reason"] == "InvalidSpec"),
+            None,
+        )
+
+    event = eventually(warning, what="a Warning event on broken")
+    assert event["type"] == "Warning"
+    before = len(json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"])
+    _play_kuberay(cluster, namespace, "fine")  # unrelated activity: no new event for broken (no retry storm)
+    cluster.kubectl("wait", "zcm/fine", "-n", namespace, "--for=condition=Ready", "--timeout=60s", check=True)
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert sum(e["involvedObject"]["name"] == "broken" for e in events) <= before
+
+
+def test_an_operator_restart_duplicates_nothing_and_deletion_removes_everything(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _model("delta"))
+    first = eventually(lambda: _get(cluster, namespace, "rayservice", "delta"), what="RayService delta")
+    operator.stop()
+    operator.start()
+    _apply(cluster, namespace, _model("epsilon"))  # the restarted operator works
+    eventually(lambda: _get(cluster, namespace, "rayservice", "epsilon"), what="RayService epsilon")
+    listed = json.loads(cluster.kubectl("get", "rayservices", "-n", namespace, "-o", "json", check=True).stdout)
+    names = [item["metadata"]["name"] for item in listed["items"]]
+    assert names.count("delta") == 1
+    assert (_get(cluster, namespace, "rayservice", "delta") or {})["metadata"]["uid"] == first["metadata"]["uid"]
+    model = _get(cluster, namespace, "zcm", "delta") or {}
+    assert not model["metadata"].get("finalizers"), "deletion relies on owner references, not finalizers"
+    cluster.kubectl("delete", "zcm", "delta", "-n", namespace, check=True, timeout=60)
+    eventually(lambda: _get(cluster, namespace, "rayservice", "delta") is None, what="RayService delta deleted")
+
+
+def test_without_kuberay_the_operator_says_so_and_stops(tmp_path: Path) -> None:
+    with running_emulator(tmp_path / "bare") as bare:
+        bare.kubectl("apply", "-f", str(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"), check=True)
+        command = [sys.executable, "-m", "zerocopy_operator", "--liveness", "", "--log-format", "plain"]
+        env = {**bare.env(), "PYTHONPATH": str(ROOT)}
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0
+    assert "KubeRay's CRD rayservices.ray.io is not installed" in out.stdout + out.stderr
