@@ -1,9 +1,9 @@
 """The real operator process and the real kubectl against a Kubernetes API.
 
 By default the API is the emulator in tests/kube (127.0.0.1). With
-`--kubeconfig PATH` the same tests run against that cluster (KubeRay's CRDs
-installed, its controller stopped: these tests play KubeRay's part by
-patching RayService status).
+`python -m pytest -m kube --kubeconfig PATH` the same tests run against that
+cluster (KubeRay's CRDs installed, its controller stopped: these tests play
+KubeRay's part by patching RayService status).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 
 from tests.kube.emulator import Cluster, running_emulator
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY_CRD = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
