@@ -56,7 +56,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("apply", "-f", str(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"), check=True)
     if cluster.kubectl("get", "crd", "rayservices.ray.io").returncode != 0:
-        cluster.kubectl("apply", "-f", str(KUBERAY_CRD), check=True)
+        cluster.kubectl("apply", "--server-side", "-f", str(KUBERAY_CRD), check=True)
     name = f"zerocopy-it-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name, check=True)
     yield name

@@ -1,4 +1,4 @@
-"""What the emulator serves in API discovery: built-in resources, resources of applied CRDs, OpenAPI stubs."""
+"""What the emulator serves in API discovery: built-in resources, the resources of applied CRDs, versions."""
 
 from __future__ import annotations
 
@@ -102,7 +102,9 @@ def api_group(group: str, versions: Iterable[str]) -> dict[str, Any]:
     return {"name": group, "versions": entries, "preferredVersion": entries[0]}
 
 
-def api_resource_list(group: str, version: str, resources: Mapping[kmock.resource, kmock.ResourceInfo]) -> dict[str, Any]:
+def api_resource_list(
+    group: str, version: str, resources: Mapping[kmock.resource, kmock.ResourceInfo]
+) -> dict[str, Any]:
     """An APIResourceList. Subresources are entries of their own with no short names (kmock copies them there,
     which makes kubectl resolve `ns` to `namespaces/status`)."""
     entries: list[dict[str, Any]] = []
@@ -132,27 +134,3 @@ def api_resource_list(group: str, version: str, resources: Mapping[kmock.resourc
         )
     group_version = f"{group}/{version}" if group else version
     return {"apiVersion": "v1", "kind": "APIResourceList", "groupVersion": group_version, "resources": entries}
-
-
-#: `kubectl apply` validates fields on the server when the server's OpenAPI v3 says that PATCH takes
-#: `fieldValidation`; for groups absent from the index it looks at the CRD group's document. This stub says
-#: so (the emulator then ignores the parameter), so plain `kubectl apply` works without downloading schemas.
-_CRDS_PATH = f"apis/{CRDS.group}/{CRDS.version}"
-OPENAPI_V3_INDEX = {"paths": {_CRDS_PATH: {"serverRelativeURL": f"/openapi/v3/{_CRDS_PATH}"}}}
-OPENAPI_V3_CRDS = {
-    "openapi": "3.0.0",
-    "info": {"title": "Kubernetes", "version": SERVER_VERSION["gitVersion"]},
-    "paths": {
-        f"/{_CRDS_PATH}/customresourcedefinitions/{{name}}": {
-            "patch": {
-                "x-kubernetes-group-version-kind": {
-                    "group": CRDS.group,
-                    "version": CRDS.version,
-                    "kind": "CustomResourceDefinition",
-                },
-                "responses": {"200": {"description": "OK"}},
-            },
-            "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
-        }
-    },
-}

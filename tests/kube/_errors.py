@@ -50,4 +50,6 @@ def bad_request(message: str) -> kmock.KubernetesError:
 
 
 def unsupported_media_type(content_type: str) -> kmock.KubernetesError:
-    return kmock.KubernetesError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {content_type}", {})
+    return kmock.KubernetesError(
+        415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {content_type}", {}
+    )

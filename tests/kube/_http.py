@@ -7,6 +7,7 @@ namespace scope rather than the Namespace object, so the emulator parses paths w
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp.web
@@ -16,6 +17,9 @@ import multidict
 import yaml
 
 from tests.kube import _errors, _patches, _protobuf
+
+#: libyaml's loader where available: server-side applies of KubeRay's CRDs are megabytes.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 #: Sub-paths of `/api/v1/namespaces/<name>/...` that are subresources of the Namespace, not resources in it.
 NAMESPACE_SUBRESOURCES = frozenset({"status", "finalize"})
@@ -72,11 +76,12 @@ def guess_action(method: str, address: Address, query: multidict.MultiMapping[st
     return actions.get((method, address.name is not None))
 
 
-def content_type(headers: multidict.MultiMapping[str]) -> str:
+def content_type(headers: Mapping[str, str]) -> str:
+    """The media type, from headers that are case-insensitive (as `parse_request` keeps them)."""
     return headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
 
 
-def decode_body(body: bytes, headers: multidict.MultiMapping[str]) -> Any:
+def decode_body(body: bytes, headers: Mapping[str, str]) -> Any:
     """The body as data (None if empty): YAML for server-side apply (JSON is YAML too), protobuf as kubectl
     sends the objects it generates, JSON otherwise. Raises the API server's 4xx errors if it cannot."""
     if not body.strip():
@@ -85,7 +90,7 @@ def decode_body(body: bytes, headers: multidict.MultiMapping[str]) -> Any:
         return _protobuf.decode(body)
     try:
         if content_type(headers) == _patches.APPLY_PATCH:
-            return yaml.safe_load(body)
+            return yaml.load(body, Loader=_YAML_LOADER)
         return json.loads(body)
     except (ValueError, yaml.YAMLError) as exc:
         raise _errors.bad_request(f"the request body is not valid: {exc}") from exc
