@@ -28,16 +28,16 @@ class Kube:
                 config.load_kube_config()
             api_client = client.ApiClient()
         self._custom = client.CustomObjectsApi(api_client)
-        self._crds = client.ApiextensionsV1Api(api_client)
 
     def kuberay_installed(self) -> bool:
+        """Asks API discovery, not the CRD itself: reading CRDs needs a ClusterRole, discovery needs none."""
         try:
-            self._crds.read_custom_resource_definition(KUBERAY_CRD)
+            found: Any = self._custom.get_api_resources(RAY_GROUP, RAY_VERSION)
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
-        return True
+        return any(resource.name == RAY_PLURAL for resource in found.resources)
 
     def get_rayservice(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -20,6 +20,9 @@ from .api import Cluster, Head, Serving, WorkerGroup, ZeroCopyModelSpec
 IMPORT_PATH = "zerocopy_runtime.serve:build_app"
 DEPLOYMENT = "ZeroCopyDeployment"
 SERVE_PORT = 8000
+#: Ray's Prometheus endpoint on every node: the chart's PodMonitor scrapes the port by this name.
+METRICS_PORT = {"name": "metrics", "containerPort": 8080}
+METRICS_PARAMS = {"metrics-export-port": str(METRICS_PORT["containerPort"])}
 MODEL_LABEL = "zerocopy.dev/model"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "zerocopy-operator"}
 #: /dev/shm holds the object store plus Ray's own scratch: this much more, at least.
@@ -114,12 +117,13 @@ def build_env_from(spec: ZeroCopyModelSpec) -> list[dict[str, Any]]:
 def build_head_group(name: str, head: Head, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
     """The head: runs Serve's controller and proxy but no replicas (`num-cpus: 0`)."""
     store = quantity.to_bytes(head.object_store_memory)
-    params = {"num-cpus": "0", "object-store-memory": str(store), "dashboard-host": "0.0.0.0"}
+    params = {"num-cpus": "0", "object-store-memory": str(store), "dashboard-host": "0.0.0.0", **METRICS_PARAMS}
     ports = [
         {"name": "gcs-server", "containerPort": 6379},
         {"name": "dashboard", "containerPort": 8265},
         {"name": "client", "containerPort": 10001},
         {"name": "serve", "containerPort": SERVE_PORT},
+        METRICS_PORT,
     ]
     container = build_container("ray-head", image, head.cpu, head.memory, store, env_from, {}, ports)
     return {"rayStartParams": params, "template": build_pod_template(name, "head", container, store, {}, [])}
@@ -128,7 +132,7 @@ def build_head_group(name: str, head: Head, image: str, env_from: list[dict[str,
 def build_worker_group(name: str, group: WorkerGroup, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
     """A worker group: GPUs as limits, tolerations for the GPU taint, and the object store sized explicitly."""
     store = quantity.to_bytes(group.object_store_memory)
-    params = {"object-store-memory": str(store)}
+    params = {"object-store-memory": str(store), **METRICS_PARAMS}
     extra: dict[str, Any] = {}
     if group.gpus:
         params["num-gpus"] = str(group.gpus)
@@ -136,7 +140,7 @@ def build_worker_group(name: str, group: WorkerGroup, image: str, env_from: list
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in group.tolerations]
     if group.gpus and not tolerations:
         tolerations = [{"key": group.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
-    container = build_container("ray-worker", image, group.cpu, group.memory, store, env_from, extra, [])
+    container = build_container("ray-worker", image, group.cpu, group.memory, store, env_from, extra, [METRICS_PORT])
     replicas = group.min_replicas if group.replicas is None else group.replicas
     return {
         "groupName": group.name,
