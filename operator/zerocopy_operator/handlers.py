@@ -31,6 +31,9 @@ def start(settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger | l
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
+    # Our resources are known up front: no watching of CRDs and namespaces, so the operator needs no
+    # cluster-wide permission beyond its own resources (the chart's namespaced install has none at all).
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # Events for problems; our own Normal events say what changed
     memo.kube = getattr(memo, "kube", None) or Kube()
     if not memo.kube.kuberay_installed():
