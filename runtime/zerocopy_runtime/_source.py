@@ -14,7 +14,10 @@ from pathlib import Path
 from ._errors import CheckpointError
 from .config import ModelSource
 
-_CACHE = Path(os.environ.get("ZEROCOPY_CACHE", Path.home() / ".cache" / "zerocopy"))
+
+def cache_dir() -> Path:
+    """Where remote checkpoints land: $ZEROCOPY_CACHE, read at each call so a process can redirect it."""
+    return Path(os.environ.get("ZEROCOPY_CACHE") or Path.home() / ".cache" / "zerocopy")
 
 
 def local_path(source: ModelSource) -> Path:
@@ -24,10 +27,10 @@ def local_path(source: ModelSource) -> Path:
     the bytes, and hashing gigabytes in every replica would undo fast attach.
     """
     uri = source.uri
-    if uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://"))
-    elif "://" not in uri:
-        path = Path(uri)
+    if uri.startswith("file://") or "://" not in uri:
+        # Relative paths come from resources written for `zerocopy serve`; in a cluster they are taken
+        # against $ZEROCOPY_MODEL_DIR, which an image that bakes models in sets (the examples image does).
+        path = Path(os.environ.get("ZEROCOPY_MODEL_DIR") or ".") / uri.removeprefix("file://")
     else:
         path = _download(uri)
     if not path.exists():
@@ -70,15 +73,26 @@ def _download(uri: str) -> Path:
         import fsspec
     except ImportError as exc:
         raise CheckpointError(f"Reading {uri!r} needs fsspec: pip install fsspec") from exc
-    target = _CACHE / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if target.exists():
         return target / Path(uri.rstrip("/")).name
     fs_uri = _hf_to_fsspec(uri) if uri.startswith("hf://") else uri
     try:
         fs, root = fsspec.core.url_to_fs(fs_uri)
         partial = target.with_suffix(".partial")
-        fs.get(root, str(partial / Path(root.rstrip("/")).name), recursive=True)
+        local = partial / Path(root.rstrip("/")).name
+        if fs.isdir(root):
+            files = checkpoint_files([f for f in fs.ls(root, detail=False) if fs.isfile(f)])
+            if not files:
+                raise CheckpointError(f"{uri!r} holds no .safetensors, .pt, .pth or .bin weights at its top level.")
+            local.mkdir(parents=True, exist_ok=True)
+            fs.get(files, [str(local / Path(f).name) for f in files])
+        else:
+            partial.mkdir(parents=True, exist_ok=True)
+            fs.get(root, str(local))
         partial.rename(target)
+    except CheckpointError:
+        raise
     except ImportError as exc:
         raise CheckpointError(
             f"Reading {uri!r} needs the filesystem package for its scheme ({exc.name}): pip install it."
@@ -89,6 +103,18 @@ def _download(uri: str) -> Path:
             "(model.credentialsSecret / the store's environment variables)."
         ) from exc
     return target / Path(root.rstrip("/")).name
+
+
+def checkpoint_files(paths: list[str]) -> list[str]:
+    """The files of a model folder worth downloading: one weights format and the JSON beside it.
+
+    Hub repositories carry the same weights as ONNX, TF, Flax, TFLite and more;
+    fetching all of them costs gigabytes that nothing reads. Safetensors win
+    over torch pickles when both are present.
+    """
+    safetensors = [p for p in paths if p.endswith(".safetensors")]
+    weights = safetensors or [p for p in paths if p.endswith((".pt", ".pth", ".bin"))]
+    return sorted(weights + [p for p in paths if p.endswith(".json")]) if weights else []
 
 
 def _hf_to_fsspec(uri: str) -> str:

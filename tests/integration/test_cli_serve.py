@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import ROOT
 from tests.models import MLP
@@ -75,3 +77,51 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _tiny_mlp() -> torch.nn.Module:
+    """The example model with the checkpoint the README's command wrote, computed here for comparison."""
+    spec = importlib.util.spec_from_file_location("tiny_mlp", ROOT / "examples" / "tiny_mlp.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    model: torch.nn.Module = module.build()
+    model.load_state_dict(load_file(ROOT / "examples" / ".cache" / "tiny-mlp.safetensors"))
+    return model.eval()
+
+
+def _readme_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.*?)```", readme[: readme.index("\n## ")], flags=re.DOTALL)
+
+
+def test_readme_main_job_and_its_curl_work_as_written() -> None:
+    """README's first screen: the main-job command after its installs, then the curl, both verbatim."""
+    main_job, curl = (block.strip() for block in _readme_blocks()[:2])
+    command = main_job[main_job.index("python examples/tiny_mlp.py") :]
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000, where the README serves, is in use here")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env |= {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen(
+        ["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("replicas share" in line for line in lines):
+            line = process.stdout.readline()  # type: ignore[union-attr]
+            assert line or process.poll() is None, "".join(lines[-40:])
+            lines.append(line)
+            assert time.monotonic() < deadline, "".join(lines[-40:])
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        outputs = torch.tensor(json.loads(done.stdout)["outputs"])
+        assert torch.allclose(outputs, _tiny_mlp()(torch.full((1, 256), 0.1))[0], atol=1e-6)
+        os.killpg(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=120)
+        assert "shutting down" in out, out[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

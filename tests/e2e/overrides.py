@@ -1,0 +1,122 @@
+"""The examples made to fit a kind cluster on a laptop: CPU only, small pods, checkpoints inside the image.
+
+`for_kind` is pure (a resource in, a new resource out), so that the unit tests
+can check that what the e2e applies still passes the operator's validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from zerocopy_operator import quantity
+
+#: Where the Dockerfile's `examples` target puts examples/ (and where it is on PYTHONPATH).
+EXAMPLES_DIR = "/home/ray/examples"
+
+MiB = 2**20
+#: Worker pods for kind: small enough that a model's whole cluster fits a laptop next to kind itself.
+WORKER_CPU = "2"
+WORKER_MEMORY = "3Gi"
+HEAD = {"cpu": "1", "memory": "2Gi", "objectStoreMemory": "256Mi"}
+#: Serve replicas at most, so that they fit one worker pod's CPUs.
+MAX_REPLICAS = 2
+#: Object store per worker: the model's size times this (for Serve's own objects), at least MIN_STORE.
+STORE_FACTOR = 1.5
+MIN_STORE = 256 * MiB
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A prediction request for an example, and the shape of the answer's `outputs`."""
+
+    body: dict[str, Any]
+    shape: list[int]
+
+
+#: One request per example (by metadata.name). The unit tests fail when an example has none.
+SAMPLES = {
+    "tiny-mlp": Sample(body={"inputs": [0.1] * 256}, shape=[10]),
+    # "Hello world" in GPT-2's tokens; the answer is the logits of each position over the vocabulary.
+    "gpt2": Sample(body={"inputs": [15496, 995], "dtype": "int64"}, shape=[2, 50257]),
+}
+
+
+def for_kind(resource: dict[str, Any], image_path_root: str = EXAMPLES_DIR) -> dict[str, Any]:
+    """A copy of a ZeroCopyModel that runs on kind: no GPU anywhere, laptop-sized pods, absolute checkpoint paths.
+
+    - serving: no GPUs per replica, device cpu, at most MAX_REPLICAS replicas, CPUs per replica that fit;
+    - cluster: the operator's runtime image (no per-model image), no autoscaler, a small head, and one pod
+      per worker group without GPUs, GPU tolerations or node selectors, shrunk to WORKER_CPU / WORKER_MEMORY
+      and an object store just above the model's size (never grown beyond what the example asks);
+    - model: a relative `file://` URI (or architecture.config) becomes an absolute path under `image_path_root`.
+    """
+    out = copy.deepcopy(resource)
+    spec = out.setdefault("spec", {})
+    model = spec.setdefault("model", {})
+    model["uri"] = _absolute(model.get("uri", ""), image_path_root)
+    architecture = model.get("architecture") or {}
+    if architecture.get("config"):
+        architecture["config"] = _absolute(architecture["config"], image_path_root)
+
+    cluster = spec.setdefault("cluster", {})
+    cluster.pop("image", None)
+    cluster["enableInTreeAutoscaling"] = False
+    head = cluster.get("head") or {}
+    cluster["head"] = {
+        "cpu": _smaller(head.get("cpu", "1"), HEAD["cpu"]),
+        "memory": _smaller(head.get("memory", "4Gi"), HEAD["memory"]),
+        "objectStoreMemory": _smaller(head.get("objectStoreMemory", "1Gi"), HEAD["objectStoreMemory"]),
+    }
+    size = model.get("size")
+    store = max(MIN_STORE, math.ceil(quantity.to_bytes(size) * STORE_FACTOR / MiB) * MiB) if size else MIN_STORE
+    groups = cluster.get("workerGroups") or [{"name": "cpu"}]
+    cluster["workerGroups"] = [_worker_group(group, store) for group in groups]
+
+    serving = spec.setdefault("serving", {})
+    serving.pop("gpusPerReplica", None)
+    serving["device"] = "cpu"
+    autoscaling = serving.get("autoscaling")
+    if autoscaling is not None:
+        autoscaling["maxReplicas"] = min(autoscaling["maxReplicas"], MAX_REPLICAS)
+        autoscaling["minReplicas"] = min(autoscaling.get("minReplicas", 1), autoscaling["maxReplicas"])
+        most = autoscaling["maxReplicas"]
+    else:
+        serving["replicas"] = min(serving.get("replicas", 1), MAX_REPLICAS)
+        most = serving["replicas"]
+    cpus = float(serving.get("cpusPerReplica", 1))
+    pod_cpus = max(float(quantity.parse(group["cpu"])) for group in cluster["workerGroups"])
+    # Every replica must find its CPUs in one pod; the largest pod holds them all when scaled up.
+    serving["cpusPerReplica"] = min(cpus, pod_cpus / max(most, 1))
+    return out
+
+
+def _worker_group(group: dict[str, Any], store: int) -> dict[str, Any]:
+    dropped = {"gpus", "gpuResource", "tolerations", "nodeSelector", "replicas", "minReplicas", "maxReplicas"}
+    shrunk = {key: value for key, value in group.items() if key not in dropped}
+    shrunk.update(
+        gpus=0,
+        cpu=_smaller(group.get("cpu", "4"), WORKER_CPU),
+        memory=_smaller(group.get("memory", "16Gi"), WORKER_MEMORY),
+        objectStoreMemory=_smaller(group.get("objectStoreMemory", "4Gi"), quantity.memory(store)),
+        replicas=1,
+        minReplicas=min(group.get("minReplicas", 1), 1),
+        maxReplicas=1,
+    )
+    return shrunk
+
+
+def _smaller(current: int | str, limit: int | str) -> int | str:
+    """The smaller of two quantities, as written."""
+    return limit if quantity.parse(limit) < quantity.parse(current) else current
+
+
+def _absolute(path: str, root: str) -> str:
+    """A relative local path (`file://relative` or `relative`) made absolute under `root`; others unchanged."""
+    local = path.removeprefix("file://")
+    if not path or "://" in local or local.startswith("/"):
+        return path
+    absolute = f"{root.rstrip('/')}/{local.removeprefix('./')}"
+    return f"file://{absolute}" if path.startswith("file://") else absolute

@@ -1,0 +1,77 @@
+"""The README's commands work: CI runs its test command, and the offline ones run here as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+#: Commands that need no cluster, no network and no running server: run verbatim by this test.
+OFFLINE = ("helm lint", "helm template", "zerocopy validate", "zerocopy render", "zerocopy crd")
+
+
+def commands() -> list[str]:
+    """Every command line in the README's bash blocks, continuation lines joined, comments dropped."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                found.append(line)
+    return found
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", " "))]
+    assert ci[-1] in commands(), "the last line of .ci/run must be README's test command, verbatim"
+    assert ci[-1].endswith("python -m pytest")
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if c.startswith(OFFLINE)])
+def test_offline_readme_command_runs(command: str) -> None:
+    if command.startswith("helm") and not (ROOT / ".tools" / "bin" / "helm").is_file():
+        pytest.skip("no helm: run `python script/install_helm.py`")
+    path = f"{ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    done = subprocess.run(
+        command, shell=True, cwd=ROOT, env={**os.environ, "PATH": path}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    assert done.stdout.strip(), f"{command} printed nothing"
+
+
+#: README commands this machine cannot run as written, and the test that runs them (or their exact effect).
+ELSEWHERE = {
+    "pip install torch==2.13.0": "tests/integration/test_cli_serve.py",  # first screen; CI runs the test command
+    "curl -s http://127.0.0.1:8000/tiny-mlp": "tests/integration/test_cli_serve.py",
+    "kubectl -n argocd patch configmap argocd-cm": "tests/unit/test_gitops.py",  # kubectl patch --local, same file
+    "script/e2e": "script/e2e",
+    "ZEROCOPY_E2E_": "script/e2e",
+}
+
+
+def _section_commands(heading: str) -> list[str]:
+    section = README[README.index(heading) :]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    assert block, heading
+    return [c for c in commands() if c in re.sub(r"\\\n\s*", " ", block.group(1))]
+
+
+def test_every_readme_command_is_exercised_somewhere() -> None:
+    quick_start = _section_commands("## Kubernetes quick start")  # tests/e2e/test_readme.py runs the block
+    assert any(c.startswith("kubectl apply") for c in quick_start)
+    unaccounted = [
+        c
+        for c in commands()
+        if not c.startswith(OFFLINE)
+        and c not in quick_start
+        and not any(c.startswith(prefix) and (ROOT / where).exists() for prefix, where in ELSEWHERE.items())
+    ]
+    assert not unaccounted, f"README commands no test runs: {unaccounted}"
