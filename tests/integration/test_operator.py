@@ -285,6 +285,26 @@ def test_a_bad_model_gets_a_condition_and_an_event_while_others_reconcile(
     assert sum(e["involvedObject"]["name"] == "broken" for e in events) <= before
 
 
+def test_a_namespaced_operator_leaves_other_namespaces_alone(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """The chart's namespaced install: models outside the watched namespaces are not the operator's business."""
+    other = f"{namespace}-other"
+    cluster.kubectl("create", "namespace", other, check=True)
+    try:
+        _apply(cluster, other, _model("outsider"))
+        _apply(cluster, namespace, _model("insider"))  # handled after the outsider's event, were it watched
+        eventually(lambda: _get(cluster, namespace, "rayservice", "insider"), what="RayService insider")
+        assert _get(cluster, other, "rayservice", "outsider") is None
+        outsider = _get(cluster, other, "zcm", "outsider")
+        assert outsider is not None
+        assert not outsider.get("status")
+        assert not [k for k in outsider["metadata"].get("annotations", {}) if k.startswith("zerocopy.dev/")]
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false")
+        cluster.kubectl("delete", "zcm", "insider", "-n", namespace)
+
+
 def test_an_operator_restart_duplicates_nothing_and_deletion_removes_everything(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:

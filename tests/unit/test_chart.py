@@ -72,7 +72,7 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def env(objects: list[dict[str, Any]]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(objects)["env"]}
+    return {e["name"]: e["value"] for e in container(objects)["env"] if "value" in e}
 
 
 def test_chart_crd_is_an_exact_copy_of_the_generated_one() -> None:
@@ -277,3 +277,9 @@ def test_chart_defaults_match_the_operator_and_the_package() -> None:
     assert chart["appVersion"] == version
     assert values["runtimeImage"] == DEFAULT_RUNTIME_IMAGE
     assert container(render())["image"].endswith(f":{version}")
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_the_charts_crd_validates_strictly(version: str) -> None:
+    crd = yaml.safe_load((CHART / "crds" / CRD).read_text())
+    kubernetes_validate.validate(crd, version, strict=True)
