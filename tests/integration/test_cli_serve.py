@@ -125,3 +125,18 @@ def test_readme_main_job_and_its_curl_work_as_written() -> None:
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_share_across_actors_example_shows_one_copy_for_all_actors() -> None:
+    """The README's measuring example, smaller: two actors' memory stays near one copy, torch.load's near two."""
+    done = subprocess.run(
+        [sys.executable, "examples/share_across_actors.py", "--mib", "64", "--actors", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = re.search(r"zerocopy\s+2 actors: load\s+[\d.]+ ms, memory\s+(\d+) MiB", done.stdout)
+    theirs = re.search(r"torch\.load 2 actors: load\s+[\d.]+ ms, memory\s+(\d+) MiB", done.stdout)
+    assert ours, done.stdout
+    assert theirs, done.stdout
+    assert int(ours.group(1)) < 64 * 1.4 < int(theirs.group(1)), done.stdout
