@@ -25,6 +25,18 @@ from tests.models import MLP
 pytestmark = pytest.mark.integration
 
 
+def _read_until_serving(process: subprocess.Popen[str], timeout: float = 240) -> list[str]:
+    """`zerocopy serve`'s output up to its memory summary, which it prints once every replica serves."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any("replicas share" in line for line in lines):
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        assert line or process.poll() is None, "".join(lines[-40:])
+        lines.append(line)
+        assert time.monotonic() < deadline, "".join(lines[-40:])
+    return lines
+
+
 def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = MLP(16, 1).eval()
@@ -50,14 +62,8 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while not any("replicas share" in line for line in lines):
-            line = process.stdout.readline()  # type: ignore[union-attr]
-            assert line or process.poll() is None, "".join(lines[-40:])
-            lines.append(line)
-            assert time.monotonic() < deadline, "".join(lines[-40:])
+        lines = _read_until_serving(process)
         assert any(f"http://127.0.0.1:{port}/cli" in line for line in lines)
         assert any("2 replicas share one" in line for line in lines)
         x = torch.randn(16)
@@ -107,14 +113,9 @@ def test_readme_main_job_and_its_curl_work_as_written() -> None:
         ["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
         start_new_session=True,
     )  # fmt: skip
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while not any("replicas share" in line for line in lines):
-            line = process.stdout.readline()  # type: ignore[union-attr]
-            assert line or process.poll() is None, "".join(lines[-40:])
-            lines.append(line)
-            assert time.monotonic() < deadline, "".join(lines[-40:])
+        lines = _read_until_serving(process)
+        assert any("http://127.0.0.1:8000/tiny-mlp" in line for line in lines), "".join(lines)  # curl's URL
         done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
         assert done.returncode == 0, done.stderr
         outputs = torch.tensor(json.loads(done.stdout)["outputs"])
