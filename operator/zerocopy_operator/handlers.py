@@ -64,7 +64,9 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> 
     except ApiException as exc:
         raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10) from None
     if action != "unchanged":
-        kopf.info(body, reason=action.title(), message=f"RayService {resource['metadata']['name']} {action}")
+        kopf.event(
+            body, type="Normal", reason=action.title(), message=f"RayService {resource['metadata']['name']} {action}"
+        )
     patch.status.update(rc.observe(memo.kube, resource, spec, memo.settings))
 
 
@@ -82,7 +84,12 @@ def rayservice_event(event: kopf.RawEvent, memo: Any, logger: logging.Logger | l
         if current is None or not rc.contains(current, rc.desired_rayservice(resource, memo.settings)):
             action, _ = rc.apply(memo.kube, resource, memo.settings)
             if action != "unchanged":
-                kopf.info(resource, reason="Restored", message=f"RayService {name} {action} after a change by hand")
+                kopf.event(
+                    resource,
+                    type="Normal",
+                    reason="Restored",
+                    message=f"RayService {name} {action} after a change by hand",
+                )
             current = None
         status = rc.observe(memo.kube, resource, spec, memo.settings, current)
     except (InvalidSpec, rc.NotOurs, ApiException) as exc:  # the model's own handler reports these

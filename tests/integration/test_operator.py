@@ -24,12 +24,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube.emulator import Cluster, running_emulator
+from tests.chart import by_kind, grants, render
+from tests.kube.emulator import Cluster, running_emulator, write_kubeconfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY_CRD = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+#: The operator's bearer token in the emulator: its requests are told apart from kubectl's by it.
+OPERATOR_TOKEN = "zerocopy-operator"
 INFO = {"weights": "m-0123", "revision": "0123", "bytes_shared": 3 * 2**20, "tensor_count": 8, "shared": True}
 
 
@@ -91,6 +94,9 @@ class Operator:
     def __init__(self, cluster: Cluster, namespace: str, info_url: str, log: Path) -> None:
         self.cluster, self.namespace, self.info_url, self.log = cluster, namespace, info_url, log
         self.process: subprocess.Popen[bytes] | None = None
+        self.kubeconfig = cluster.kubeconfig
+        if cluster.requests is not None:  # the emulator: its own token, so that its requests can be checked
+            self.kubeconfig = write_kubeconfig(log.parent / "operator-kubeconfig", cluster.url, OPERATOR_TOKEN)
 
     def start(self) -> None:
         port = _free_port()
@@ -98,7 +104,7 @@ class Operator:
             sys.executable, "-m", "zerocopy_operator", "--namespace", self.namespace, "--verbose",
             "--liveness", f"http://127.0.0.1:{port}/healthz", "--info-url", self.info_url, "--image", "runtime:test",
         ]  # fmt: skip
-        env = {**self.cluster.env(), "PYTHONPATH": str(ROOT)}
+        env = {**self.cluster.env(), "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(ROOT)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         eventually(lambda: self._live(port) or self._exited(), timeout=60, what="the operator's liveness endpoint")
@@ -169,6 +175,11 @@ def _condition(resource: dict[str, Any] | None, kind: str = "Ready") -> dict[str
     return next((c for c in conditions if c["type"] == kind), {})
 
 
+def _event(cluster: Cluster, namespace: str, name: str, reason: str) -> dict[str, Any] | None:
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout)
+    return next((e for e in events["items"] if (e["involvedObject"]["name"], e["reason"]) == (name, reason)), None)
+
+
 def _play_kuberay(cluster: Cluster, namespace: str, name: str) -> None:
     """What KubeRay writes once the cluster is up and the Serve app runs."""
     status = {
@@ -198,6 +209,8 @@ def test_a_model_becomes_an_owned_rayservice_then_ready_with_endpoint_and_weight
     )  # fmt: skip
     assert _serve_config(rayservice)["applications"][0]["import_path"] == "zerocopy_runtime.serve:build_app"
     eventually(lambda: _condition(_get(cluster, namespace, "zcm", "alpha")).get("reason") == "Provisioning")
+    created = eventually(lambda: _event(cluster, namespace, "alpha", "Created"), what="a Normal event on alpha")
+    assert (created["type"], created["message"]) == ("Normal", "RayService alpha created")
 
     _play_kuberay(cluster, namespace, "alpha")
     waited = cluster.kubectl("wait", "zcm/alpha", "-n", namespace, "--for=condition=Ready", "--timeout=60s")
@@ -269,14 +282,7 @@ def test_a_bad_model_gets_a_condition_and_an_event_while_others_reconcile(
     eventually(lambda: _get(cluster, namespace, "rayservice", "fine"), what="RayService fine, despite broken")
     assert _get(cluster, namespace, "rayservice", "broken") is None
 
-    def warning() -> dict[str, Any] | None:
-        events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout)
-        return next(
-            (e for e in events["items"] if e["involvedObject"]["name"] == "broken" and e["reason"] == "InvalidSpec"),
-            None,
-        )
-
-    event = eventually(warning, what="a Warning event on broken")
+    event = eventually(lambda: _event(cluster, namespace, "broken", "InvalidSpec"), what="a Warning event on broken")
     assert event["type"] == "Warning"
     before = len(json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"])
     _play_kuberay(cluster, namespace, "fine")  # unrelated activity: no new event for broken (no retry storm)
@@ -332,3 +338,33 @@ def test_without_kuberay_the_operator_says_so_and_stops(tmp_path: Path) -> None:
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0
     assert "KubeRay's CRD rayservices.ray.io is not installed" in out.stdout + out.stderr
+
+
+def _verb(method: str, name: str | None, params: dict[str, str]) -> str:
+    """The RBAC verb an API server checks for a request."""
+    if method == "GET":
+        return "get" if name else "watch" if params.get("watch") in ("true", "1") else "list"
+    verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}
+    return verbs[method]
+
+
+def test_the_charts_rbac_allows_every_request_the_operator_made(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """Runs after the scenarios above: whatever they made the operator do, the chart's roles permit."""
+    if cluster.requests is None:
+        pytest.skip("a real cluster: the operator's requests are not recorded (run it under the chart's account)")
+    made = {
+        (
+            r.resource.group,
+            r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+            _verb(r.method, r.name, r.params),
+        )
+        for r in cluster.requests
+        if r.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}" and r.resource and r.resource.plural
+    }
+    assert {("zerocopy.dev", "zerocopymodels", "watch"), ("ray.io", "rayservices", "create")} <= made, made
+    for args in ([], ["--set", f"watchNamespaces={{{namespace}}}"]):
+        objects = render(*args)
+        (role,) = by_kind(objects, "ClusterRole") or by_kind(objects, "Role")
+        assert made <= grants(role["rules"]), f"not granted by the chart ({args}): {made - grants(role['rules'])}"

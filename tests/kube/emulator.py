@@ -68,6 +68,11 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         # an empty protobuf document is a valid one with no schemas, so every object passes.
         self.fallback["get /openapi/v2"] << b""
 
+    @property
+    def requests(self) -> list[kmock.Request]:
+        """Every request served so far, in order (a live list): what each client actually asked for."""
+        return self._requests
+
     def close_watches(self) -> None:
         """End the open watch responses (e.g. before shutdown: the server waits for open requests)."""
         self._store.log.close()
@@ -314,6 +319,8 @@ class Cluster:
     url: str
     #: kubectl's discovery cache, one per cluster: a later emulator on the same port must not see stale groups.
     cache_dir: Path
+    #: The emulator's request log (None for a real cluster): tells clients apart by their bearer token.
+    requests: list[kmock.Request] | None = None
 
     def kubectl_command(self, *args: str) -> list[str]:
         """The command line for the real kubectl against this cluster, e.g. for `subprocess.Popen`."""
@@ -335,13 +342,13 @@ class EmulatorCrashed(AssertionError):
     """The emulator raised on a request: a bug in it, reported so that it does not pass as a test result."""
 
 
-def write_kubeconfig(path: Path, url: str) -> Path:
-    """A kubeconfig for `url` with a dummy token: the emulator accepts every request."""
+def write_kubeconfig(path: Path, url: str, token: str = "emulator-token") -> Path:
+    """A kubeconfig for `url` with a dummy token: the emulator accepts every request, and logs the token."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-        "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
+        "users": [{"name": "emulator", "user": {"token": token}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}],
         "current-context": "emulator",
     }
@@ -409,7 +416,10 @@ def running_emulator(tmp_dir: Path, *, strict: bool = True) -> Iterator[Cluster]
     url = thread.start()
     kubeconfig = write_kubeconfig(tmp_dir / "kubeconfig", url)
     try:
-        yield Cluster(kubeconfig=kubeconfig, url=url, cache_dir=tmp_dir / "kube-cache")
+        assert thread.emulator is not None  # set when started
+        yield Cluster(
+            kubeconfig=kubeconfig, url=url, cache_dir=tmp_dir / "kube-cache", requests=thread.emulator.requests
+        )
     finally:
         thread.stop()
     assert thread.emulator is not None  # set when started

@@ -4,10 +4,7 @@ in step with the operator (CRD copy, settings, labels and ports the operator's p
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,13 +13,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.chart import CHART, by_kind, grants, render, run_helm
 from zerocopy_operator.cli import DEFAULT_RUNTIME_IMAGE
 from zerocopy_operator.manifests import build_rayservice
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "zerocopy-operator"
 CRD = "zerocopymodels.zerocopy.dev.yaml"
 #: The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas we have.
 KUBE_VERSIONS = ["1.27.0", "1.37.0"]
@@ -41,28 +38,6 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "nodeSelector.pool=system", "--set", "priorityClassName=system-cluster-critical",
     ],
 }  # fmt: skip
-
-
-def _helm() -> str:
-    candidates = [os.environ.get("HELM"), str(ROOT / ".tools" / "bin" / "helm"), shutil.which("helm")]
-    found = next((c for c in candidates if c and Path(c).is_file()), None)
-    if found is None:
-        pytest.skip("no helm binary: run `python script/install_helm.py` (installs it into .tools/bin)")
-    return found
-
-
-def _run_helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_helm(), *args], capture_output=True, text=True, timeout=60)
-
-
-def render(*args: str, namespace: str = "zerocopy-system") -> list[dict[str, Any]]:
-    done = _run_helm("template", "zc", str(CHART), "--namespace", namespace, *args)
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-
-
-def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
 
 
 def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -84,7 +59,7 @@ def test_chart_crd_is_an_exact_copy_of_the_generated_one() -> None:
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_chart_lints_strictly(name: str) -> None:
-    done = _run_helm("lint", "--strict", str(CHART), *VALUE_SETS[name])
+    done = run_helm("lint", "--strict", str(CHART), *VALUE_SETS[name])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -102,6 +77,7 @@ def test_cluster_wide_install_binds_a_cluster_role_to_the_operators_account() ->
     objects = render()
     (role,) = by_kind(objects, "ClusterRole")
     (binding,) = by_kind(objects, "ClusterRoleBinding")
+    assert role["metadata"]["name"] == "zerocopy-system-zc-zerocopy-operator"  # two releases named zc may coexist
     (account,) = by_kind(objects, "ServiceAccount")
     (deployment,) = by_kind(objects, "Deployment")
     assert not by_kind(objects, "Role")
@@ -127,23 +103,28 @@ def test_namespaced_install_grants_roles_in_each_watched_namespace_and_nothing_c
     assert env(objects)["ZEROCOPY_NAMESPACES"] == "team-a,team-b"
 
 
-def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-
-
-def test_rbac_grants_exactly_what_the_operator_does_and_no_wildcards() -> None:
+def test_rbac_is_the_same_either_way_with_no_wildcards_and_nothing_beyond_its_resources() -> None:
+    """Which requests the operator really makes is checked against these rules in tests/integration/test_operator.py."""
     (role,) = by_kind(render(), "ClusterRole")
-    grants = _grants(role["rules"])
-    assert not any("*" in grant for grant in grants)
-    # kube.py and kopf: watch models, patch them (kopf's annotations) and their status, own RayServices, post Events.
-    assert grants == {
-        ("", "events", "create"),
-        *{("zerocopy.dev", "zerocopymodels", v) for v in ("get", "list", "watch", "patch")},
-        *{("zerocopy.dev", "zerocopymodels/status", v) for v in ("get", "patch", "update")},
-        *{("ray.io", "rayservices", v) for v in ("get", "list", "watch", "create", "update")},
-    }
+    allowed = grants(role["rules"])
+    assert not any("*" in grant for grant in allowed)
+    assert {resource for _, resource, _ in allowed} == {
+        "events", "zerocopymodels", "zerocopymodels/status", "zerocopymodels/finalizers", "rayservices",
+    }  # fmt: skip
+    assert not {verb for group, _, verb in allowed if group == "zerocopy.dev"} & {"create", "delete"}
+    # What OwnerReferencesPermissionEnforcement asks of whoever sets a blocking owner reference.
+    assert {("ray.io", "rayservices", "delete"), ("zerocopy.dev", "zerocopymodels/finalizers", "update")} <= allowed
     (namespaced_role, _) = by_kind(render(*VALUE_SETS["namespaced"]), "Role")
-    assert _grants(namespaced_role["rules"]) == grants
+    assert grants(namespaced_role["rules"]) == allowed
+
+
+def test_the_pod_runs_as_the_operator_images_user() -> None:
+    (deployment,) = by_kind(render(), "Deployment")
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stage = dockerfile[dockerfile.index("AS operator") :].split("\nFROM ")[0]
+    (user,) = re.findall(r"^USER (\S+)", stage, flags=re.MULTILINE)
+    assert user == f"{context['runAsUser']}:{context['runAsGroup']}"
 
 
 def test_operator_pod_is_locked_down() -> None:
@@ -227,7 +208,7 @@ def test_pod_monitor_selects_the_ray_pods_the_operator_renders_by_their_metrics_
     ],
 )
 def test_bad_values_are_refused_naming_the_value(args: list[str], message: str) -> None:
-    done = _run_helm("template", "zc", str(CHART), *args)
+    done = run_helm("template", "zc", str(CHART), *args)
     assert done.returncode != 0
     assert message in done.stderr
 

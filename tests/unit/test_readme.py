@@ -7,7 +7,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
+import yaml
+
+from zerocopy_operator.api import ZeroCopyModelSpec
 
 pytestmark = pytest.mark.unit
 
@@ -50,7 +54,7 @@ def test_offline_readme_command_runs(command: str) -> None:
 #: README commands this machine cannot run as written, and the test that runs them (or their exact effect).
 ELSEWHERE = {
     "pip install torch==2.13.0": "tests/integration/test_cli_serve.py",  # first screen; CI runs the test command
-    "curl -s http://127.0.0.1:8000/tiny-mlp": "tests/integration/test_cli_serve.py",
+    "curl -s -w '\\n' http://127.0.0.1:8000/tiny-mlp": "tests/integration/test_cli_serve.py",
     "kubectl -n argocd patch configmap argocd-cm": "tests/unit/test_gitops.py",  # kubectl patch --local, same file
     "script/e2e": "script/e2e",
     "ZEROCOPY_E2E_": "script/e2e",
@@ -75,3 +79,19 @@ def test_every_readme_command_is_exercised_somewhere() -> None:
         and not any(c.startswith(prefix) and (ROOT / where).exists() for prefix, where in ELSEWHERE.items())
     ]
     assert not unaccounted, f"README commands no test runs: {unaccounted}"
+
+
+def _manifests() -> list[dict]:
+    blocks = re.findall(r"```yaml\n(.*?)```", README, flags=re.DOTALL)
+    return [doc for block in blocks for doc in yaml.safe_load_all(block) if isinstance(doc, dict) and "kind" in doc]
+
+
+def test_readme_manifests_are_valid() -> None:
+    """Resources shown in the README: built-in kinds against Kubernetes' schema, ZeroCopyModels against ours."""
+    manifests = _manifests()
+    assert {m["kind"] for m in manifests} >= {"ZeroCopyModel", "NetworkPolicy"}
+    for manifest in manifests:
+        if manifest["kind"] == "ZeroCopyModel":
+            ZeroCopyModelSpec.model_validate(manifest["spec"])
+        else:
+            kubernetes_validate.validate(manifest, "1.37.0", strict=True)

@@ -7,6 +7,10 @@
 {{- end -}}
 {{- end -}}
 
+{{- define "zerocopy-operator.clusterRoleName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "zerocopy-operator.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "zerocopy-operator.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -41,15 +45,21 @@ The operator's permissions, grouped by purpose. Shared by the ClusterRole
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Application: watch ZeroCopyModels; patch them for kopf's progress annotations and their status.
+# Application: watch ZeroCopyModels; patch them for kopf's progress annotations, and their status.
 - apiGroups: [zerocopy.dev]
   resources: [zerocopymodels]
   verbs: [get, list, watch, patch]
 - apiGroups: [zerocopy.dev]
   resources: [zerocopymodels/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 # Application: the RayService each ZeroCopyModel owns (created, restored after hand edits, watched for status).
+# `delete` here and `update` on zerocopymodels/finalizers are never used by the operator itself: clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin (OpenShift, hardened clusters) require them to set the
+# owner reference (with blockOwnerDeletion) that lets the garbage collector delete the RayService with its model.
 - apiGroups: [ray.io]
   resources: [rayservices]
-  verbs: [get, list, watch, create, update]
+  verbs: [get, list, watch, create, update, delete]
+- apiGroups: [zerocopy.dev]
+  resources: [zerocopymodels/finalizers]
+  verbs: [update]
 {{- end -}}
