@@ -44,8 +44,10 @@ LABEL org.opencontainers.image.title="zerocopy-operator" \
 RUN groupadd --system --gid 65532 zerocopy \
  && useradd --system --uid 65532 --gid 65532 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin zerocopy
 # Only the `operator` extra: kopf, kubernetes, pydantic, pyyaml. Byte code is compiled here, at build time.
+# Pinned by constraints/operator.txt, so that a rebuild gets the kopf and client the tests ran with.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --disable-pip-version-check \
+    --mount=type=bind,source=constraints/operator.txt,target=/tmp/constraints.txt \
+    pip install --no-cache-dir --disable-pip-version-check --constraint /tmp/constraints.txt \
       "zerocopy-operator[operator] @ file:///wheels/zerocopy_operator-${VERSION}-py3-none-any.whl"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -100,6 +100,10 @@ class PipInstall:
     line: int
 
 
+#: pip options whose value is the next word.
+OPTIONS_WITH_VALUES = {"--index-url", "-i", "--extra-index-url", "--wheel-dir", "-w", "-r", "-c", "--constraint"}
+
+
 def pip_commands(stage: Stage, dockerfile: Dockerfile, verb: str = "install") -> list[PipInstall]:
     """Every `pip <verb>` in the stage's RUN instructions, with ARG defaults expanded."""
     found = []
@@ -117,7 +121,16 @@ def pip_commands(stage: Stage, dockerfile: Dockerfile, verb: str = "install") ->
                             skip = False
                         elif word.startswith("-"):
                             options.append(word)
-                            skip = word in {"--index-url", "-i", "--extra-index-url", "--wheel-dir", "-w", "-r", "-c"}
+                            skip = word in {
+                                "--index-url",
+                                "-i",
+                                "--extra-index-url",
+                                "--wheel-dir",
+                                "-w",
+                                "-r",
+                                "-c",
+                                "--constraint",
+                            }
                         else:
                             requirements.append(word)
                     found.append(PipInstall(requirements, options, run.line))
@@ -313,3 +326,19 @@ def test_the_build_context_keeps_what_the_build_copies_and_nothing_else(dockerfi
         "charts/zerocopy-operator/Chart.yaml",
     ]:
         assert not _sent(unwanted, rules), f"{unwanted} would be sent to the builder"
+
+
+def test_the_operator_image_pins_every_dependency_of_the_operator_extra(dockerfile: Dockerfile) -> None:
+    (install,) = pip_commands(dockerfile.stages["operator"], dockerfile)
+    assert "--constraint /tmp/constraints.txt" in install.options
+    mounts = [r.args for r in dockerfile.stages["operator"].all("RUN") if "constraints/operator.txt" in r.args]
+    assert mounts, "constraints/operator.txt is not mounted where pip reads it"
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints" / "operator.txt").read_text().splitlines() if "==" in line
+    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    direct = [*project["dependencies"], *project["optional-dependencies"]["operator"]]
+    names = {re.sub(r"[-_.]+", "-", p).lower() for p in pins}
+    missing = [d for d in direct if requirement(d)[0] not in names]
+    assert not missing, f"constraints/operator.txt pins none of {missing}"
+    assert "!constraints/" in (ROOT / ".dockerignore").read_text().splitlines()
