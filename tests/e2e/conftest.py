@@ -62,8 +62,16 @@ def missing_prerequisites() -> str | None:
     return None
 
 
-def _requested(config: pytest.Config) -> bool:
-    return os.environ.get("ZEROCOPY_E2E_REQUIRED") == "1" or "e2e" in (config.getoption("markexpr") or "")
+def require_e2e(config: pytest.Config) -> None:
+    """Skip (or with ZEROCOPY_E2E_REQUIRED=1 fail) unless the tools are here and the e2e was asked for."""
+    reason = missing_prerequisites()
+    required = os.environ.get("ZEROCOPY_E2E_REQUIRED") == "1"
+    if reason and required:
+        pytest.fail(f"{reason} (ZEROCOPY_E2E_REQUIRED=1)", pytrace=False)
+    if reason:
+        pytest.skip(f"{reason}; run script/e2e where Docker and kind exist")
+    if not (required or "e2e" in (config.getoption("markexpr") or "")):
+        pytest.skip("the kind e2e builds images and creates a cluster: run it with script/e2e or pytest -m e2e")
 
 
 class CommandFailed(AssertionError):
@@ -157,15 +165,7 @@ def _build(target: str) -> str:
 
 @pytest.fixture(scope="session")
 def kind_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    reason = missing_prerequisites()
-    required = os.environ.get("ZEROCOPY_E2E_REQUIRED") == "1"
-    if reason and required:
-        pytest.fail(f"{reason} (ZEROCOPY_E2E_REQUIRED=1)", pytrace=False)
-    if reason:
-        pytest.skip(f"{reason}; run script/e2e where Docker and kind exist")
-    if not _requested(request.config):
-        pytest.skip("the kind e2e builds images and creates a cluster: run it with script/e2e or pytest -m e2e")
-
+    require_e2e(request.config)
     kind = tool("kind") or "kind"
     created = CLUSTER not in run([kind, "get", "clusters"], timeout=60).stdout.split()
     if created:

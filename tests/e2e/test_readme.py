@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, _requested, missing_prerequisites, run, tool
+from tests.e2e.conftest import ROOT, require_e2e, run, tool
+from tests.readme import bash_blocks, section
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -18,21 +18,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 CLUSTER = "zerocopy"
 
 
-def quick_start() -> str:
-    """The first bash block under the quick-start heading, continuation lines kept."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Kubernetes quick start") :]
-    found = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL)
-    assert found, "README's quick start has no bash block"
-    return found.group(1)
-
-
 def test_readme_quick_start_runs_as_written(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    reason = missing_prerequisites()
-    if reason or not _requested(request.config):
-        if reason and os.environ.get("ZEROCOPY_E2E_REQUIRED") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason or "the README's quick start creates a kind cluster: run it with script/e2e")
+    require_e2e(request.config)
     if tool("make") is None:
         pytest.skip("make is not installed")
     kind = tool("kind") or "kind"
@@ -44,7 +31,10 @@ def test_readme_quick_start_runs_as_written(request: pytest.FixtureRequest, tmp_
         "KUBECONFIG": str(tmp_path / "kubeconfig"),
         **{f"HELM_{kind_}_HOME": str(tmp_path / f"helm-{kind_.lower()}") for kind_ in ("CACHE", "CONFIG", "DATA")},
     }
-    script = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + quick_start()
+    script = (
+        "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+        + bash_blocks(section("## Kubernetes quick start"))[0]
+    )
     try:
         done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3300)
         assert done.returncode == 0, f"the quick start failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import ROOT
 from tests.models import MLP
+from tests.readme import bash_blocks, first_screen
 
 pytestmark = pytest.mark.integration
 
@@ -95,14 +96,9 @@ def _tiny_mlp() -> torch.nn.Module:
     return model.eval()
 
 
-def _readme_blocks() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    return re.findall(r"```bash\n(.*?)```", readme[: readme.index("\n## ")], flags=re.DOTALL)
-
-
 def test_readme_main_job_and_its_curl_work_as_written() -> None:
     """README's first screen: the main-job command after its installs, then the curl, both verbatim."""
-    main_job, curl = (block.strip() for block in _readme_blocks()[:2])
+    main_job, curl = (block.strip() for block in bash_blocks(first_screen())[:2])
     command = main_job[main_job.index("python examples/tiny_mlp.py") :]
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 8000)) == 0:

@@ -11,26 +11,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.readme import README, bash_blocks, commands, section
 from zerocopy_operator.api import ZeroCopyModelSpec
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
 #: Commands that need no cluster, no network and no running server: run verbatim by this test.
 OFFLINE = ("helm lint", "helm template", "zerocopy validate", "zerocopy render", "zerocopy crd")
-
-
-def commands() -> list[str]:
-    """Every command line in the README's bash blocks, continuation lines joined, comments dropped."""
-    found = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                found.append(line)
-    return found
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -62,10 +50,8 @@ ELSEWHERE = {
 
 
 def _section_commands(heading: str) -> list[str]:
-    section = README[README.index(heading) :]
-    block = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL)
-    assert block, heading
-    return [c for c in commands() if c in re.sub(r"\\\n\s*", " ", block.group(1))]
+    """The commands of the first bash block under `heading`."""
+    return commands(bash_blocks(section(heading))[:1])
 
 
 def test_every_readme_command_is_exercised_somewhere() -> None:
