@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ROOT, require_e2e, run, tool
+from tests.e2e.overrides import SAMPLES
 from tests.readme import bash_blocks, section
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
@@ -40,7 +41,7 @@ def test_readme_quick_start_runs_as_written(request: pytest.FixtureRequest, tmp_
         assert done.returncode == 0, f"the quick start failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
         (answer,) = [line for line in done.stdout.splitlines() if line.startswith('{"outputs"')]
         outputs = json.loads(answer)["outputs"]
-        assert len(outputs) == 1, answer
+        assert [len(outputs)] == SAMPLES["tiny-mlp"].shape, answer  # one input of 256 floats: 10 logits
         listed = [line for line in done.stdout.splitlines() if line.startswith("tiny-mlp ")]
         assert listed, "kubectl get zcm did not list tiny-mlp"
     finally:
