@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def ray_session() -> Iterator[None]:
     # results computed here and in workers are bitwise comparable.
     torch.set_num_threads(1)
 
+    # Its own temp dir: never attach to (or collide with) another Ray running on the machine.
     ray.init(
+        _temp_dir=tempfile.mkdtemp(prefix="ray-zc-"),
         num_cpus=4,
         object_store_memory=STORE_BYTES,
         include_dashboard=False,

@@ -25,3 +25,11 @@ class CheckpointError(ZeroCopyError, ValueError):
 
 class WeightsNotFoundError(ZeroCopyError, LookupError):
     """No published weights exist under the requested name (never published, or released)."""
+
+
+class AlreadyPublishedError(ZeroCopyError):
+    """Another publisher holds the name: wait for its copy (`lookup`) instead of publishing a second one."""
+
+
+class PublishInProgressError(WeightsNotFoundError):
+    """The owner exists but is still copying the weights into the store; its copy is usable once sealed."""

@@ -9,6 +9,7 @@ name and attaches in milliseconds.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ray
@@ -19,13 +20,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ._architecture import architecture_factory
-from ._errors import ZeroCopyError
+from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
 from ._metrics import ReplicaMetrics
 from ._owner import NAMESPACE, actor_name, published_names
 from ._source import local_path, revision, verify
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
 from .weights import Progress, PublishedModel, attach, attach_report, lookup, publish, release
+
+#: How long a replica waits for another replica's publish of the same revision.
+PUBLISH_WAIT_S = 1800.0
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -38,20 +42,39 @@ def weights_name(args: AppArgs, digest: str) -> str:
     return f"{args.name}-{digest[:16]}"
 
 
-def find_or_publish(args: AppArgs, progress: Progress | None = None) -> PublishedModel:
-    """The published weights of this revision, publishing them if no replica has yet."""
+def find_or_publish(
+    args: AppArgs, progress: Progress | None = None, timeout_s: float = PUBLISH_WAIT_S
+) -> PublishedModel:
+    """The published weights of this revision, publishing them if no replica has yet.
+
+    Replicas that start together (a new revision, a restart after the owner
+    died) race for the owner's name: one publishes, the others wait for its
+    copy, so the weights are read and stored exactly once.
+    """
     path = local_path(args.model)
     name = weights_name(args, revision(args.model, path))
-    try:
-        return lookup(name)
-    except ZeroCopyError:
-        verify(path, args.model)
-    try:
-        return publish(path, name=name, progress=progress)
-    except ZeroCopyError as exc:
-        if "already published" not in str(exc):
-            raise
-        return lookup(name)  # another replica won the race
+    deadline = time.monotonic() + timeout_s
+    verified = False
+    while True:
+        try:
+            return lookup(name)
+        except PublishInProgressError:
+            if time.monotonic() > deadline:
+                raise ZeroCopyError(
+                    f"Weights {name!r} were still being published after {timeout_s:.0f} s; "
+                    "check the publishing replica's log (a stuck or very slow checkpoint read)."
+                ) from None
+            time.sleep(0.2)
+            continue
+        except WeightsNotFoundError:
+            pass
+        if not verified:
+            verify(path, args.model)
+            verified = True
+        try:
+            return publish(path, name=name, progress=progress)
+        except AlreadyPublishedError:
+            continue  # another replica won the race: wait for its copy
 
 
 def _register_replica(published: PublishedModel) -> None:

@@ -31,7 +31,13 @@ from torch import nn
 from . import _guard
 from ._checkpoint import checkpoint_files
 from ._collect import PERSISTENT_TAG, Collected, collect, models_in
-from ._errors import CheckpointError, WeightsNotFoundError, ZeroCopyError
+from ._errors import (
+    AlreadyPublishedError,
+    CheckpointError,
+    PublishInProgressError,
+    WeightsNotFoundError,
+    ZeroCopyError,
+)
 from ._manifest import DTYPES, Manifest, StorageRecord, TensorRecord
 from ._owner import NAMESPACE, actor_name, check_room, plan_chunks, start_owner, storage_records, store_bytes
 from ._spool import Spool, layout
@@ -98,7 +104,7 @@ def publish(
     with bytes copied into the store as publishing goes on, ending with done == total.
     """
     name = name or f"model-{uuid.uuid4().hex[:12]}"
-    taken = ZeroCopyError(
+    taken = AlreadyPublishedError(
         f"Weights named {name!r} are already published; release({name!r}) first or pick another name."
     )
     try:
@@ -196,7 +202,7 @@ def lookup(name: str, *, namespace: str = NAMESPACE) -> PublishedModel:
             f"The owner of weights {name!r} has died or was released: publish them again."
         ) from None
     if manifest is None:
-        raise WeightsNotFoundError(f"Weights {name!r} are still being published; retry once publish() has returned.")
+        raise PublishInProgressError(f"Weights {name!r} are still being published; retry once publish() has returned.")
     return PublishedModel(name, namespace, manifest, tuple(refs), pid)
 
 
