@@ -1,20 +1,22 @@
 """The ZeroCopyModel API: spec and status as typed models, the single source of truth.
 
 The CRD (`zerocopy crd`, committed as crds/zerocopymodels.zerocopy.dev.yaml)
-is generated from these classes, and the operator validates every resource
-with them, so the API server and the operator can never disagree on a field.
-Rules that span fields are written twice, side by side: as a pydantic
-validator (offline `zerocopy validate`, the operator) and as a CEL rule in
-`x-kubernetes-validations` (the API server, at `kubectl apply`).
+is generated from these classes, and the operator, `zerocopy render` and
+`zerocopy serve` validate every resource with them, so the API server, the
+operator and the runtime can never disagree on a field. The parts replicas
+act on (model source, architecture, handler, batching, device) are declared
+in `zerocopy_runtime.config` and composed here, because the runtime must
+validate its arguments without importing the operator.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+
+from zerocopy_runtime.config import ApiModel, ModelSource, ReplicaSettings, api_config, cel
 
 GROUP = "zerocopy.dev"
 VERSION = "v1alpha1"
@@ -25,9 +27,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 #: The Ray version the runtime image is built for; a cluster may pin another.
 DEFAULT_RAY_VERSION = "2.60.0"
+#: KubeRay refuses RayServices with longer names (it derives RayCluster and Service names from them),
+#: and the RayService takes the model's name.
+MAX_NAME_LENGTH = 47
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
-_IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
 def _quantity(value: int | str) -> int | str:
@@ -43,20 +48,7 @@ Quantity = Annotated[
     WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
 ]
 
-
-def _cel(*rules: tuple[str, str]) -> ConfigDict:
-    """Model config with CEL rules the API server enforces; `rules` are (expression, message)."""
-    return _config(json_schema_extra={"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]})
-
-
-def _config(**overrides: Any) -> ConfigDict:
-    """Strict, camelCase like every Kubernetes API; status types allow unknown fields (`overrides`)."""
-    settings: dict[str, Any] = {"extra": "forbid", "alias_generator": to_camel, "populate_by_name": True}
-    return ConfigDict(**(settings | overrides))  # type: ignore[typeddict-item]
-
-
-class _Spec(BaseModel):
-    model_config = _config()
+_Spec = ApiModel
 
 
 class SecretReference(_Spec):
@@ -65,52 +57,12 @@ class SecretReference(_Spec):
     name: str = Field(min_length=1, max_length=253, description="Secret name (for example AWS_ACCESS_KEY_ID keys).")
 
 
-class Architecture(_Spec):
-    """How replicas build the model without weights: exactly one of factory or transformers."""
+class Model(ModelSource):
+    """The weights as replicas see them (`ModelSource`), plus what only the cluster needs."""
 
-    model_config = _cel(
-        (
-            "has(self.factory) != has(self.transformers)",
-            "set exactly one of architecture.factory or architecture.transformers",
-        )
-    )
-
-    factory: str | None = Field(
-        default=None, pattern=_IMPORT_PATH, description="Import path `package.module:function` returning an nn.Module."
-    )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
-    transformers: str | None = Field(
-        default=None,
-        pattern=r"^[A-Z]\w*$",
-        description="A transformers model class (GPT2LMHeadModel, AutoModelForCausalLM) built from config.json.",
-    )
-    config: str | None = Field(default=None, description="Path of config.json for `transformers`; default: beside.")
-
-    @model_validator(mode="after")
-    def _one_way(self) -> Architecture:
-        if (self.factory is None) == (self.transformers is None):
-            raise ValueError("set exactly one of architecture.factory or architecture.transformers")
-        return self
-
-
-class ModelSource(_Spec):
-    """The weights: where they are, in which format, how to check them."""
-
-    uri: str = Field(
-        min_length=1,
-        pattern=r"^((file|s3|gs|hf|https?)://|/).+",
-        description="file:// or absolute path on the nodes, s3://, gs://, hf://org/name@revision, or http(s)://.",
-    )
-    format: Literal["auto", "safetensors", "torch"] = Field(
-        default="auto", description="Checkpoint format; auto looks at the file names."
-    )
-    sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$", description="Checked when publishing; also names the revision."
-    )
     size: Quantity | None = Field(
         default=None, description="Expected size of the weights (for example 5Gi), checked against object stores."
     )
-    architecture: Architecture
     credentials_secret: SecretReference | None = Field(
         default=None, description="Secret with the storage credentials, as environment variables; never inline."
     )
@@ -119,7 +71,7 @@ class ModelSource(_Spec):
 class Autoscaling(_Spec):
     """Serve autoscaling of the replicas."""
 
-    model_config = _cel(("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"))
+    model_config = cel(("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"))
 
     min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas (0 scales to zero).")
     max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
@@ -134,43 +86,23 @@ class Autoscaling(_Spec):
         return self
 
 
-class Batching(_Spec):
-    """Dynamic batching: up to maxBatchSize requests, waiting at most batchWaitTimeoutS to fill."""
+class Serving(ReplicaSettings):
+    """The Serve application: what each replica does (`ReplicaSettings`), how many, and what each needs."""
 
-    max_batch_size: int = Field(default=1, ge=1, le=4096, description="1 turns batching off.")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10, description="Seconds to wait for a fuller batch.")
-
-
-class Serving(_Spec):
-    """The Serve application: route, handler, replicas and what each replica needs."""
-
-    model_config = _cel(
+    model_config = cel(
         ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both")
     )
 
     route_prefix: str | None = Field(
         default=None, pattern=r"^/[-a-zA-Z0-9_/]*$", description="HTTP route; default /<name>."
     )
-    handler: str = Field(
-        default="tensor", description="'tensor' (JSON tensors in and out) or `package.module:function`."
-    )
-    replicas: int | None = Field(default=None, ge=0, le=1000, description="Fixed replica count (default 1).")
+    replicas: int | None = Field(default=None, ge=1, le=1000, description="Fixed replica count (default 1).")
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int = Field(default=16, ge=1, le=10000, description="Requests a replica takes at once.")
-    batching: Batching = Field(default_factory=Batching)
     cpus_per_replica: float = Field(default=1, ge=0, le=512, description="Ray CPUs per replica (fractions allowed).")
     gpus_per_replica: float = Field(default=0, ge=0, le=64, description="Ray GPUs per replica (fractions allowed).")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when a GPU is assigned.")
-    write_guard: bool = Field(default=True, description="Map shared weights read-only in every replica.")
     health_check_period_s: float = Field(default=10, gt=0, le=3600)
     health_check_timeout_s: float = Field(default=30, gt=0, le=3600)
-
-    @field_validator("handler")
-    @classmethod
-    def _handler(cls, value: str) -> str:
-        if value != "tensor" and not re.match(_IMPORT_PATH, value):
-            raise ValueError(f"handler {value!r} must be 'tensor' or an import path `package.module:function`")
-        return value
 
     @model_validator(mode="after")
     def _one_count(self) -> Serving:
@@ -200,7 +132,7 @@ class Head(_Spec):
 class WorkerGroup(_Spec):
     """A group of identical Ray worker pods: GPUs, CPU, memory and the object store the replicas share."""
 
-    model_config = _cel(("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"))
+    model_config = cel(("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"))
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40, description="Group name.")
     replicas: int | None = Field(default=None, ge=0, le=1000, description="Pods to start; default minReplicas.")
@@ -263,7 +195,7 @@ class UpgradeStrategy(_Spec):
 class ZeroCopyModelSpec(_Spec):
     """A PyTorch model served on Ray with its weights held once per node."""
 
-    model: ModelSource
+    model: Model
     serving: Serving = Field(default_factory=Serving)
     cluster: Cluster = Field(default_factory=Cluster)
     upgrade_strategy: UpgradeStrategy = Field(default_factory=UpgradeStrategy)
@@ -272,7 +204,7 @@ class ZeroCopyModelSpec(_Spec):
 class Condition(_Spec):
     """A status condition in the Kubernetes convention."""
 
-    model_config = _config(extra="allow")
+    model_config = api_config(extra="allow")
 
     type: str
     status: Literal["True", "False", "Unknown"]
@@ -285,7 +217,7 @@ class Condition(_Spec):
 class WeightsInfo(_Spec):
     """What the replicas report at <route>/-/info."""
 
-    model_config = _config(extra="allow")
+    model_config = api_config(extra="allow")
 
     name: str | None = None
     revision: str | None = None
@@ -298,7 +230,7 @@ class WeightsInfo(_Spec):
 class ZeroCopyModelStatus(_Spec):
     """What the operator observed, for people (printer columns) and tools (conditions)."""
 
-    model_config = _config(extra="allow")
+    model_config = api_config(extra="allow")
 
     observed_generation: int | None = None
     phase: Literal["Pending", "Provisioning", "Ready", "Upgrading", "Failed"] | None = None

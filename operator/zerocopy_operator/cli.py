@@ -19,14 +19,23 @@ import yaml
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/zerocopy-operator/zerocopy-runtime:0.1.0"
 
 
+class UserError(Exception):
+    """A problem in what the user gave (a file, a resource): printed as one message, never a traceback."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zerocopy", description="Serve PyTorch models with weights shared per node.")
+    parser.add_argument(
+        "--debug", action="store_true", default=bool(os.environ.get("ZEROCOPY_DEBUG")),
+        help="show the traceback of a failure (env ZEROCOPY_DEBUG=1)",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a ZeroCopyModel file on a local (or given) Ray cluster")
     serve.add_argument("file", type=Path, help="ZeroCopyModel YAML, as you would kubectl apply it")
     serve.add_argument("--address", help="join this Ray cluster instead of starting one")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default 8265)")
     commands.add_parser("crd", help="print the ZeroCopyModel CRD generated from the API types")
     render = commands.add_parser("render", help="print the RayService of each ZeroCopyModel in FILE (for GitOps)")
     render.add_argument("file", type=Path)
@@ -35,22 +44,77 @@ def main(argv: list[str] | None = None) -> None:
     validate.add_argument("files", type=Path, nargs="+")
     add_operator_arguments(commands.add_parser("operator", help="run the Kubernetes operator"))
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        if not args.file.is_file():
-            parser.error(f"{args.file} is not a file")
-        from zerocopy_runtime.local import serve_file
+    try:
+        sys.exit(run(args))
+    except Exception as exc:
+        if args.debug or isinstance(exc, SystemExit):
+            raise
+        print(f"zerocopy {args.command}: {describe(exc)}", file=sys.stderr)
+        sys.exit(2)
 
-        serve_file(args.file, address=args.address, host=args.host, port=args.port)
-    elif args.command == "crd":
+
+def run(args: argparse.Namespace) -> int:
+    """Run one command; its exit status."""
+    if args.command == "serve":
+        serve_file(args.file, address=args.address, host=args.host, port=args.port, dashboard_port=args.dashboard_port)
+        return 0
+    if args.command == "crd":
         from .crd import crd_yaml
 
         sys.stdout.write(crd_yaml())
-    elif args.command == "render":
-        sys.exit(render_files([args.file], args.image))
-    elif args.command == "validate":
-        sys.exit(validate_files(args.files))
-    else:
-        run_operator(args)
+        return 0
+    if args.command == "render":
+        return render_files([args.file], args.image)
+    if args.command == "validate":
+        return validate_files(args.files)
+    try:
+        import kopf  # noqa: F401
+    except ImportError:
+        raise UserError("`zerocopy operator` needs the operator extra: pip install 'zerocopy-operator[operator]'") from None
+    run_operator(args)
+    return 0
+
+
+def describe(exc: Exception) -> str:
+    """The message for a failure: a user's mistake as it is, anything else with what to do about it."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if type(exc).__module__.startswith("zerocopy_runtime"):  # the runtime's errors name the problem and the fix
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)"
+
+
+def serve_file(path: Path, *, address: str | None, host: str, port: int, dashboard_port: int) -> None:
+    """Validate the one ZeroCopyModel in `path`, build its Serve application as the operator would, run it."""
+    from .manifests import build_serve_application, route_prefix
+
+    models = [(p, d) for p, d in read_resources([path]) if d.get("kind") == "ZeroCopyModel"]
+    if len(models) != 1:
+        raise UserError(f"{path}: holds {len(models)} ZeroCopyModels; `zerocopy serve` takes a file with exactly one")
+    resource = _namespaced(models[0][1])
+    spec = _valid(path, resource)
+    application = build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec))
+    try:
+        from zerocopy_runtime.local import serve_application
+    except ImportError as exc:
+        raise UserError(
+            f"`zerocopy serve` needs the runtime ({exc.name} is missing): pip install 'zerocopy-operator[runtime]'"
+        ) from None
+    serve_application(
+        application, path.resolve().parent, address=address, host=host, port=port, dashboard_port=dashboard_port
+    )
+
+
+def _valid(path: Path, resource: dict[str, Any], others: list[dict[str, Any]] | None = None) -> Any:
+    from .validation import InvalidSpec, validate
+
+    try:
+        return validate(resource, others or [])
+    except InvalidSpec as exc:
+        name = (resource.get("metadata") or {}).get("name")
+        raise UserError(
+            f"{path}: ZeroCopyModel/{name} is invalid:\n" + "\n".join(f"  - {p}" for p in exc.problems)
+        ) from None
 
 
 def _env(name: str, default: str) -> str:
@@ -89,14 +153,15 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true")
 
 
-def run_operator(args: argparse.Namespace) -> None:
+def run_operator(args: argparse.Namespace, **settings: Any) -> None:
+    """Run kopf with our handlers; `settings` override `reconcile.Settings` fields (the tests' seam)."""
     import kopf
 
     from . import handlers  # noqa: F401  (registers the handlers)
     from .reconcile import Settings
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
-    memo = kopf.Memo(settings=Settings(default_image=args.image, info_url=args.info_url))
+    memo = kopf.Memo(settings=Settings(default_image=args.image, info_url=args.info_url, **settings))
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
@@ -106,29 +171,48 @@ def run_operator(args: argparse.Namespace) -> None:
     )
 
 
-def _documents(paths: list[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+def read_resources(paths: list[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every non-empty YAML document of each file, refusing (with the file, line and fix) what is not a resource."""
     for path in paths:
-        for document in yaml.safe_load_all(path.read_text()):
-            if document:
-                yield path, document
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file; check the path") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a directory; give the YAML file of a ZeroCopyModel") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot be read: {exc}") from None
+        try:
+            documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or exc
+            raise UserError(f"{path}: not valid YAML{where}: {problem}; fix the YAML syntax") from None
+        for number, document in enumerate(documents, 1):
+            if not isinstance(document, dict) or not isinstance(document.get("metadata", {}), dict):
+                raise UserError(
+                    f"{path}: document {number} is not a Kubernetes resource (a mapping with apiVersion, kind, "
+                    "metadata and spec)"
+                )
+            yield path, document
 
 
 def validate_files(paths: list[Path]) -> int:
     """Prints one line per resource; returns the exit status (1 if any resource is invalid)."""
     from .validation import InvalidSpec, validate
 
-    documents = list(_documents(paths))
+    documents = list(read_resources(paths))
     models = [_namespaced(doc) for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
     failed = 0
     for path, document in documents:
-        name = f"{path}: {document.get('kind')}/{(document.get('metadata') or {}).get('name')}"
+        resource = _namespaced(document)
+        name = f"{path}: {document.get('kind')}/{resource['metadata'].get('name')}"
         try:
-            resource = _namespaced(document)
             validate(resource, [m for m in models if m["metadata"]["namespace"] == resource["metadata"]["namespace"]])
-        except (InvalidSpec, KeyError, TypeError) as exc:
+        except InvalidSpec as exc:
             failed += 1
-            problems = exc.problems if isinstance(exc, InvalidSpec) else [f"malformed resource: {exc}"]
-            print(f"{name}: invalid", *(f"  - {p}" for p in problems), sep="\n")
+            print(f"{name}: invalid", *(f"  - {p}" for p in exc.problems), sep="\n")
         else:
             print(f"{name}: valid")
     return 1 if failed else 0
@@ -136,16 +220,14 @@ def validate_files(paths: list[Path]) -> int:
 
 def render_files(paths: list[Path], image: str) -> int:
     from .manifests import build_rayservice
-    from .validation import InvalidSpec, validate
 
+    documents = list(read_resources(paths))
+    models = [_namespaced(doc) for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
     rendered = []
-    for path, document in _documents(paths):
+    for path, document in documents:
         resource = _namespaced(document)
-        try:
-            validate(resource)
-        except InvalidSpec as exc:
-            print(f"{path}: {resource['metadata'].get('name')}: {exc}", file=sys.stderr)
-            return 1
+        same_namespace = [m for m in models if m["metadata"]["namespace"] == resource["metadata"]["namespace"]]
+        _valid(path, resource, same_namespace)
         rayservice = build_rayservice(resource, image)
         rayservice["metadata"]["namespace"] = resource["metadata"]["namespace"]
         rendered.append(rayservice)

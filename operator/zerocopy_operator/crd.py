@@ -12,7 +12,17 @@ from typing import Any
 
 import yaml
 
-from .api import GROUP, KIND, PLURAL, PRINTER_COLUMNS, SHORT_NAME, VERSION, ZeroCopyModelSpec, ZeroCopyModelStatus
+from .api import (
+    GROUP,
+    KIND,
+    MAX_NAME_LENGTH,
+    PLURAL,
+    PRINTER_COLUMNS,
+    SHORT_NAME,
+    VERSION,
+    ZeroCopyModelSpec,
+    ZeroCopyModelStatus,
+)
 
 #: Keywords that carry over unchanged into a structural schema.
 _KEPT = {
@@ -29,6 +39,14 @@ def build_crd() -> dict[str, Any]:
         "type": "object",
         "description": "A PyTorch model served on Ray with its weights held once per node in the object store.",
         "required": ["spec"],
+        # The API server lets root rules read metadata.name: refuse at `kubectl apply` what KubeRay would refuse later.
+        "x-kubernetes-validations": [
+            {
+                "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+                "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: KubeRay refuses longer "
+                "RayService names, and the model's RayService takes its name",
+            }
+        ],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

@@ -18,7 +18,7 @@ from . import reconcile as rc
 from .api import GROUP, PLURAL, VERSION
 from .kube import KUBERAY_CRD, RAY_GROUP, RAY_PLURAL, RAY_VERSION, Kube
 from .manifests import MODEL_LABEL
-from .validation import InvalidSpec
+from .status import REFUSED
 
 MODELS = (GROUP, VERSION, PLURAL)
 RAYSERVICES = (RAY_GROUP, RAY_VERSION, RAY_PLURAL)
@@ -52,17 +52,17 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> 
     resource = _plain(body)
     try:
         spec = rc.check(memo.kube, resource)
-    except InvalidSpec as exc:
-        patch.status.update(rc.refused_status(resource, exc))
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        raise kopf.PermanentError(str(exc)) from None
-    try:
         action, _ = rc.apply(memo.kube, resource, memo.settings)
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
     except ApiException as exc:
         raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10) from None
+    except Exception as exc:  # a bad spec, or a bug: either way retrying the same spec cannot help
+        status = rc.refused_status(resource, exc)
+        patch.status.update(status)
+        kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
+        raise kopf.PermanentError(str(exc)) from None
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.title(), message=f"RayService {resource['metadata']['name']} {action}"
@@ -92,7 +92,7 @@ def rayservice_event(event: kopf.RawEvent, memo: Any, logger: logging.Logger | l
                 )
             current = None
         status = rc.observe(memo.kube, resource, spec, memo.settings, current)
-    except (InvalidSpec, rc.NotOurs, ApiException) as exc:  # the model's own handler reports these
+    except Exception as exc:  # the model's own handler reports these (a bad spec, a conflict, a bug)
         logger.warning("Not mirroring RayService %s/%s: %s", namespace, name, exc)
         return
     if _changed(resource.get("status") or {}, status):
@@ -109,7 +109,7 @@ def model_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         if _refused(other):
             try:
                 rc.check(memo.kube, other)
-            except InvalidSpec:
+            except Exception:  # still refused: its condition already says why
                 continue
             # Valid now: touch an annotation so that kopf runs the model's update handler.
             memo.kube.annotate_model(namespace, other["metadata"]["name"], {f"{GROUP}/retry": rc.now()})
@@ -123,9 +123,7 @@ def _refused(resource: dict[str, Any]) -> bool:
     """Whether this generation of the model was already refused as invalid (no retry storm)."""
     status = resource.get("status") or {}
     ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return ready.get("reason") == "InvalidSpec" and status.get("observedGeneration") == resource["metadata"].get(
-        "generation"
-    )
+    return ready.get("reason") in REFUSED and status.get("observedGeneration") == resource["metadata"].get("generation")
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

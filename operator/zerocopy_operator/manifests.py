@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from zerocopy_runtime.config import from_resource
+from zerocopy_runtime.config import AppArgs, ModelSource, ReplicaSettings, fields_of
 
 from . import quantity
 from .api import Cluster, Head, Serving, WorkerGroup, ZeroCopyModelSpec
@@ -62,20 +62,34 @@ def build_rayservice(resource: dict[str, Any], default_image: str) -> dict[str, 
 
 
 def build_serve_config(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> dict[str, Any]:
-    """Serve's config: the runtime's app with this model's args, and the deployment's options."""
-    args, _ = from_resource(resource)  # the same conversion `zerocopy serve` uses
+    """Serve's config: HTTP options and the model's one application."""
     return {
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [
-            {
-                "name": resource["metadata"]["name"],
-                "route_prefix": route_prefix(resource, spec),
-                "import_path": IMPORT_PATH,
-                "args": args.model_dump(mode="json", exclude_none=True),
-                "deployments": [build_deployment_options(spec.serving)],
-            }
-        ],
+        "applications": [build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec))],
     }
+
+
+def build_serve_application(name: str, spec: ZeroCopyModelSpec, route: str) -> dict[str, Any]:
+    """One Serve application: the runtime's builder, this model's args, and the deployment's options.
+
+    `zerocopy serve` deploys exactly this on a local Ray, the operator puts it in serveConfigV2.
+    """
+    return {
+        "name": name,
+        "route_prefix": route,
+        "import_path": IMPORT_PATH,
+        "args": build_app_args(name, spec).model_dump(mode="json", exclude_none=True),
+        "deployments": [build_deployment_options(spec.serving)],
+    }
+
+
+def build_app_args(name: str, spec: ZeroCopyModelSpec) -> AppArgs:
+    """The runtime's arguments, taken field by field from the typed spec: the one conversion there is."""
+    return AppArgs(
+        name=name,
+        model=ModelSource.model_validate(spec.model.model_dump(include=fields_of(ModelSource))),
+        **spec.serving.model_dump(include=fields_of(ReplicaSettings)),
+    )
 
 
 def build_deployment_options(serving: Serving) -> dict[str, Any]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime
 import json
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .api import ZeroCopyModelSpec
 from .kube import Kube
 from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix
-from .status import invalid_status, observed_status, weights_from_info
+from .status import OPERATOR_ERROR, invalid_status, observed_status, weights_from_info
 from .validation import InvalidSpec, validate
 
 
@@ -28,6 +29,8 @@ class Settings:
     #: Where a model's /-/info is read from; a test seam as much as a setting (a proxy, a port-forward).
     info_url: str = "{endpoint}/-/info"
     info_timeout_s: float = 2.0
+    #: The RayService builder: a test seam, so that a test can make it fail as a bug would.
+    build: Callable[[dict[str, Any], str], dict[str, Any]] = build_rayservice
 
 
 class NotOurs(Exception):
@@ -45,15 +48,23 @@ def check(kube: Kube, resource: dict[str, Any]) -> ZeroCopyModelSpec:
     return validate(resource, kube.list_models(meta["namespace"]), known_bytes=known)
 
 
-def refused_status(resource: dict[str, Any], error: InvalidSpec) -> dict[str, Any]:
+def refused_status(resource: dict[str, Any], error: Exception) -> dict[str, Any]:
+    """Failed with InvalidSpec for a bad spec; with OperatorError, naming the exception, for anything unexpected."""
     previous = (resource.get("status") or {}).get("conditions") or []
-    return invalid_status(str(error), resource["metadata"].get("generation"), previous, now())
+    generation = resource["metadata"].get("generation")
+    if isinstance(error, InvalidSpec):
+        return invalid_status(str(error), generation, previous, now())
+    message = (
+        f"the operator failed on this spec ({type(error).__name__}: {error}); nothing was changed and it will not "
+        "retry until the spec changes. This is a bug in zerocopy-operator: please report it with this message"
+    )
+    return invalid_status(message, generation, previous, now(), reason=OPERATOR_ERROR)
 
 
 def desired_rayservice(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The RayService, adopted: same namespace, owned by the model (deleted with it by the cluster's GC)."""
     meta = resource["metadata"]
-    body = build_rayservice(resource, settings.default_image)
+    body = settings.build(resource, settings.default_image)
     body["metadata"]["namespace"] = meta["namespace"]
     body["metadata"]["ownerReferences"] = [
         {

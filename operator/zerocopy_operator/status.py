@@ -14,6 +14,11 @@ from .api import ZeroCopyModelSpec
 from .manifests import DEPLOYMENT
 
 CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady")
+INVALID_SPEC = "InvalidSpec"
+#: An unexpected failure (a bug) on this generation: reported like a bad spec, never retried in a loop.
+OPERATOR_ERROR = "OperatorError"
+#: Reasons of a Ready=False that hold until the spec changes.
+REFUSED = (INVALID_SPEC, OPERATOR_ERROR)
 
 
 def condition(kind: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
@@ -21,9 +26,11 @@ def condition(kind: str, ok: bool | None, reason: str, message: str = "") -> dic
     return {"type": kind, "status": status, "reason": reason, "message": message}
 
 
-def invalid_status(message: str, generation: int | None, previous: list[dict[str, Any]], now: str) -> dict[str, Any]:
+def invalid_status(
+    message: str, generation: int | None, previous: list[dict[str, Any]], now: str, reason: str = INVALID_SPEC
+) -> dict[str, Any]:
     """The status of a resource the operator refuses: Failed, with the problems in Ready's message."""
-    conditions = [condition("Ready", False, "InvalidSpec", message)]
+    conditions = [condition("Ready", False, reason, message)]
     return {
         "observedGeneration": generation,
         "phase": "Failed",

@@ -6,13 +6,15 @@ that a condition message or `zerocopy validate` output is enough to act on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
 
 from . import quantity
-from .api import API_VERSION, KIND, ZeroCopyModelSpec
+from .api import API_VERSION, KIND, MAX_NAME_LENGTH, NAME_PATTERN, ZeroCopyModelSpec
 from .manifests import largest_worker, parse_spec, route_prefix
 
 
@@ -33,15 +35,38 @@ def validate(
     collisions); `known_bytes` is the size the runtime reported last time.
     """
     if resource.get("apiVersion") != API_VERSION or resource.get("kind") != KIND:
-        raise InvalidSpec([f"expected apiVersion {API_VERSION} and kind {KIND}"])
+        raise InvalidSpec(
+            [f"expected apiVersion {API_VERSION} and kind {KIND}, got {resource.get('apiVersion')!r} / "
+             f"{resource.get('kind')!r}"]
+        )  # fmt: skip
+    name_problems = name_problem(resource)
+    if not isinstance(resource.get("spec"), dict):
+        raise InvalidSpec([*name_problems, "spec: must be a mapping with at least spec.model"])
     try:
         spec = parse_spec(resource)
     except ValidationError as exc:
-        raise InvalidSpec([_field_error(error) for error in exc.errors()]) from None
+        raise InvalidSpec([*name_problems, *(_field_error(error) for error in exc.errors())]) from None
+    if name_problems:
+        raise InvalidSpec(name_problems)
     problems = semantic_problems(resource, spec, others, known_bytes)
     if problems:
         raise InvalidSpec(problems)
     return spec
+
+
+def name_problem(resource: dict[str, Any]) -> list[str]:
+    """metadata.name as KubeRay and Serve take it: a DNS label of at most MAX_NAME_LENGTH characters."""
+    name = (resource.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        return ["metadata.name: required (a lower-case DNS label such as my-model)"]
+    if len(name) > MAX_NAME_LENGTH:
+        return [
+            f"metadata.name {name!r} has {len(name)} characters, more than {MAX_NAME_LENGTH}: KubeRay refuses "
+            "longer RayService names (the model's RayService takes its name); choose a shorter name"
+        ]
+    if not re.match(NAME_PATTERN, name):
+        return [f"metadata.name {name!r} must be lower-case letters, digits and '-', starting and ending alphanumeric"]
+    return []
 
 
 def _age_key(resource: dict[str, Any]) -> tuple[str, str]:
@@ -50,8 +75,9 @@ def _age_key(resource: dict[str, Any]) -> tuple[str, str]:
 
 
 def _field_error(error: Any) -> str:
-    where = "spec." + ".".join(str(part) for part in error["loc"]) if error["loc"] else "spec"
-    return f"{where}: {error['msg']}"
+    """`spec.serving.replicas: Input should be greater than or equal to 1`, in the resource's camelCase."""
+    where = "spec" + "".join(f"[{part}]" if isinstance(part, int) else f".{to_camel(part)}" for part in error["loc"])
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def semantic_problems(

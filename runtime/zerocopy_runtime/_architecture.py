@@ -15,13 +15,14 @@ from torch import nn
 
 from ._errors import CheckpointError
 from ._imports import import_callable
+from ._source import model_dir_path
 from .config import Architecture
 
 
 def architecture_factory(architecture: Architecture, weights: Path) -> Callable[[], nn.Module]:
     """A callable building the architecture; `weights` locates a transformers config.json by default."""
     if architecture.transformers is not None:
-        config = Path(architecture.config) if architecture.config else weights
+        config = model_dir_path(architecture.config) if architecture.config else weights
         return partial(_transformers_model, architecture.transformers, _config_dir(config))
     assert architecture.factory is not None  # the config type requires one of the two
     factory = import_callable(architecture.factory, "architecture.factory")

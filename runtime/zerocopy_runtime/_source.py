@@ -27,15 +27,19 @@ def local_path(source: ModelSource) -> Path:
     the bytes, and hashing gigabytes in every replica would undo fast attach.
     """
     uri = source.uri
-    if uri.startswith("file://") or "://" not in uri:
-        # Relative paths come from resources written for `zerocopy serve`; in a cluster they are taken
-        # against $ZEROCOPY_MODEL_DIR, which an image that bakes models in sets (the examples image does).
-        path = Path(os.environ.get("ZEROCOPY_MODEL_DIR") or ".") / uri.removeprefix("file://")
-    else:
-        path = _download(uri)
+    path = model_dir_path(uri) if uri.startswith("file://") or "://" not in uri else _download(uri)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {uri!r} does not exist on this node ({path}); check model.uri.")
     return path
+
+
+def model_dir_path(path: str) -> Path:
+    """A local path from the resource; relative ones are taken against $ZEROCOPY_MODEL_DIR.
+
+    `zerocopy serve` sets it to the resource file's folder; in a cluster an image that bakes models in
+    sets it (the examples image does).
+    """
+    return Path(os.environ.get("ZEROCOPY_MODEL_DIR") or ".") / path.removeprefix("file://")
 
 
 def revision(source: ModelSource, path: Path) -> str:

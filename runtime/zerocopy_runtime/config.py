@@ -1,154 +1,143 @@
-"""The arguments of the Serve application, as typed, validated data.
+"""The parts of a ZeroCopyModel that replicas act on, and the Serve application's arguments.
 
-These are the light config types the operator imports to render a
-RayService's `serveConfigV2` args; they depend on pydantic only (no torch,
-no Ray), so the operator image stays lean.
+These classes are the single declaration of each field: the operator's
+`ZeroCopyModelSpec` is composed of them (so the CRD is generated from them),
+and `AppArgs`, which a replica validates its arguments with, is built from
+the same classes. They depend on pydantic only (no torch, no Ray), so the
+operator image stays lean.
+
+Rules that span fields are written twice, side by side: as a pydantic
+validator (offline `zerocopy validate`, the operator, the replica) and as a
+CEL rule in `x-kubernetes-validations` (the API server, at `kubectl apply`).
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_SCHEMES = ("file://", "s3://", "gs://", "hf://", "http://", "https://")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+SCHEMES = ("file://", "s3://", "gs://", "hf://", "http://", "https://")
 
 
-class ModelSource(_Strict):
-    """Where the weights come from."""
+def api_config(**overrides: Any) -> ConfigDict:
+    """Strict and camelCase like every Kubernetes API; both spellings are accepted from Python."""
+    settings: dict[str, Any] = {"extra": "forbid", "alias_generator": to_camel, "populate_by_name": True}
+    return ConfigDict(**(settings | overrides))  # type: ignore[typeddict-item]
 
-    uri: str = Field(
-        min_length=1, description="file://, a local path, s3://, gs://, hf://org/name@revision, or http(s)://"
+
+def cel(*rules: tuple[str, str], **overrides: Any) -> ConfigDict:
+    """`api_config` plus CEL rules the API server enforces; `rules` are (expression, message)."""
+    validations = [{"rule": rule, "message": message} for rule, message in rules]
+    return api_config(json_schema_extra={"x-kubernetes-validations": validations}, **overrides)
+
+
+class ApiModel(BaseModel):
+    model_config = api_config()
+
+
+class Architecture(ApiModel):
+    """How replicas build the model without weights: exactly one of factory or transformers."""
+
+    model_config = cel(
+        (
+            "has(self.factory) != has(self.transformers)",
+            "set exactly one of architecture.factory or architecture.transformers",
+        ),
+        (
+            "!has(self.transformers) || !has(self.kwargs) || size(self.kwargs) == 0",
+            "architecture.kwargs go with factory; a transformers model reads its config.json",
+        ),
+        ("!has(self.factory) || !has(self.config)", "architecture.config goes with transformers, not factory"),
     )
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="verified when publishing")
 
-    @field_validator("uri")
-    @classmethod
-    def _known_scheme(cls, uri: str) -> str:
-        if "://" in uri and not uri.startswith(_SCHEMES):
-            raise ValueError(f"unsupported URI scheme in {uri!r}; use one of {', '.join(_SCHEMES)} or a local path")
-        return uri
-
-
-class Architecture(_Strict):
-    """How to build the model without weights: a factory, or a Hugging Face transformers class.
-
-    A factory is an import path `package.module:function` returning an
-    nn.Module; a transformers class (`GPT2LMHeadModel`, `AutoModelForCausalLM`)
-    is built from the `config.json` next to the weights unless `config` says
-    where it is.
-    """
-
-    factory: str | None = Field(default=None, description="import path `package.module:function`")
-    kwargs: dict[str, object] = Field(default_factory=dict, description="keyword arguments for the factory")
+    factory: str | None = Field(
+        default=None, pattern=IMPORT_PATH, description="Import path `package.module:function` returning an nn.Module."
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
     transformers: str | None = Field(
-        default=None, pattern=r"^[A-Z]\w*$", description="a transformers model class, built from its config.json"
+        default=None,
+        pattern=r"^[A-Z]\w*$",
+        description="A transformers model class (GPT2LMHeadModel, AutoModelForCausalLM) built from config.json.",
     )
-    config: str | None = Field(default=None, description="config.json (or its folder) for `transformers`")
-
-    @field_validator("factory")
-    @classmethod
-    def _import_path(cls, value: str | None) -> str | None:
-        if value is not None and not _IMPORT_PATH.match(value):
-            raise ValueError(f"{value!r} is not an import path of the form `package.module:function`")
-        return value
+    config: str | None = Field(
+        default=None, min_length=1, description="config.json (or its folder) for `transformers`; default: beside."
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> Architecture:
         if (self.factory is None) == (self.transformers is None):
-            raise ValueError("architecture needs exactly one of `factory` (an import path) or `transformers`")
+            raise ValueError("set exactly one of architecture.factory or architecture.transformers")
         if self.transformers is not None and self.kwargs:
-            raise ValueError("architecture.kwargs go with `factory`; a transformers model reads its config.json")
+            raise ValueError("architecture.kwargs go with factory; a transformers model reads its config.json")
         if self.factory is not None and self.config is not None:
-            raise ValueError("architecture.config goes with `transformers`; pass a factory's settings in kwargs")
+            raise ValueError("architecture.config goes with transformers, not factory; pass settings in kwargs")
         return self
 
 
-class Batching(_Strict):
-    """Dynamic batching through `@serve.batch`; max_batch_size 1 turns it off."""
+class ModelSource(ApiModel):
+    """The weights: where they are, how to check them, and the architecture they fill."""
 
-    max_batch_size: int = Field(default=1, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10)
-
-
-class AppArgs(_Strict):
-    """Everything `zerocopy_runtime.serve:build_app` needs; deployment options live in Serve's own config."""
-
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63, description="model name")
-    model: ModelSource
+    uri: str = Field(
+        min_length=1,
+        pattern=r"^(file|s3|gs|hf|https?)://.+|^[^:]+$",
+        description="file://, a path (relative: to the resource file, or $ZEROCOPY_MODEL_DIR in a cluster), "
+        "s3://, gs://, hf://org/name@revision, or http(s)://.",
+    )
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Checked when publishing; also names the revision."
+    )
     architecture: Architecture
-    handler: str = Field(default="tensor", description="'tensor' or `module:function` taking (model, batch)")
+
+    @field_validator("uri", mode="before")
+    @classmethod
+    def _known_scheme(cls, uri: Any) -> Any:
+        if isinstance(uri, str) and "://" in uri and not uri.startswith(SCHEMES):
+            raise ValueError(f"unsupported URI scheme in {uri!r}; use one of {', '.join(SCHEMES)} or a local path")
+        return uri
+
+
+class Batching(ApiModel):
+    """Dynamic batching: up to maxBatchSize requests, waiting at most batchWaitTimeoutS to fill."""
+
+    max_batch_size: int = Field(default=1, ge=1, le=4096, description="1 turns batching off.")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10, description="Seconds to wait for a fuller batch.")
+
+
+class ReplicaSettings(ApiModel):
+    """What each replica does with a request: the handler, batching, device and write guard."""
+
+    handler: str = Field(
+        default="tensor", description="'tensor' (JSON tensors in and out) or `package.module:function`."
+    )
     batching: Batching = Field(default_factory=Batching)
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    write_guard: bool = True
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when a GPU is assigned.")
+    write_guard: bool = Field(default=True, description="Map shared weights read-only in every replica.")
 
     @field_validator("handler")
     @classmethod
     def _handler(cls, value: str) -> str:
-        if value != "tensor" and not _IMPORT_PATH.match(value):
+        if value != "tensor" and not re.match(IMPORT_PATH, value):
             raise ValueError(f"handler {value!r} must be 'tensor' or an import path `package.module:function`")
         return value
 
 
-class ServeSettings(_Strict):
-    """What Serve's own deployment config carries (changing it is an in-place update)."""
+class AppArgs(ReplicaSettings):
+    """Everything `zerocopy_runtime.serve:build_app` needs; deployment options live in Serve's own config.
 
-    route_prefix: str = Field(pattern=r"^/[-a-zA-Z0-9_/]*$")
-    replicas: int = Field(ge=1, le=1000)
-
-
-API_VERSION = "zerocopy.dev/v1alpha1"
-KIND = "ZeroCopyModel"
-
-
-def from_resource(resource: dict[str, Any], base_dir: Path | None = None) -> tuple[AppArgs, ServeSettings]:
-    """A ZeroCopyModel resource (as `kubectl apply` takes it) to the app args and Serve settings.
-
-    The operator renders a RayService's serveConfigV2 with this same function.
-    Relative local paths are taken from `base_dir` (the resource file's folder).
+    Built from the typed resource by one function (the operator's
+    `manifests.build_app_args`), never by reading the resource again.
     """
-    if resource.get("apiVersion") != API_VERSION or resource.get("kind") != KIND:
-        raise ValueError(
-            f"Expected apiVersion {API_VERSION} and kind {KIND}, got "
-            f"{resource.get('apiVersion')!r} / {resource.get('kind')!r}."
-        )
-    name = (resource.get("metadata") or {}).get("name")
-    spec = resource.get("spec") or {}
-    model = dict(spec.get("model") or {})
-    serving = dict(spec.get("serving") or {})
-    architecture = dict(model.pop("architecture", None) or {})
-    model["uri"] = _resolve(model.get("uri", ""), base_dir)
-    if architecture.get("config"):
-        architecture["config"] = _resolve(architecture["config"], base_dir)
-    batching = serving.get("batching") or {}
-    args = AppArgs.model_validate(
-        {
-            "name": name,
-            "model": {"uri": model.get("uri"), "sha256": model.get("sha256")},
-            "architecture": architecture,
-            "handler": serving.get("handler", "tensor"),
-            "batching": {
-                "max_batch_size": batching.get("maxBatchSize", 1),
-                "batch_wait_timeout_s": batching.get("batchWaitTimeoutS", 0.01),
-            },
-            "device": serving.get("device", "auto"),
-            "write_guard": serving.get("writeGuard", True),
-        }
-    )
-    settings = ServeSettings(route_prefix=serving.get("routePrefix", f"/{name}"), replicas=serving.get("replicas", 1))
-    return args, settings
+
+    model_config = api_config(frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="model name")
+    model: ModelSource
 
 
-def _resolve(path: str, base_dir: Path | None) -> str:
-    """A relative local path in the resource, made absolute from the resource file's folder."""
-    local = path.removeprefix("file://")
-    if base_dir is None or not path or "://" in local or Path(local).is_absolute():
-        return path
-    return str(base_dir / local)
+def fields_of(model: type[BaseModel]) -> set[str]:
+    """The field names a class declares, to copy exactly those from a larger spec."""
+    return set(model.model_fields)

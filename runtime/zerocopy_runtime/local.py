@@ -1,61 +1,160 @@
-"""`zerocopy serve FILE`: the ZeroCopyModel a user would `kubectl apply`, served on a local Ray."""
+"""`zerocopy serve FILE`: the Serve application the operator would render, run on a local Ray.
+
+The command line turns the resource into Serve's application config (the
+same function the operator uses for serveConfigV2); this module checks what
+can be checked before Ray starts, publishes the weights with progress, and
+deploys the application through Serve's config path, as `serve deploy` and
+KubeRay do, so `serve status` and `serve config` show it as on a cluster.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-import ray
-import yaml
-from ray import serve
-
+from ._checkpoint import load_mapped
+from ._errors import ZeroCopyError
+from ._source import local_path, verify
 from ._store import format_bytes
-from .config import from_resource
+from .config import AppArgs
 from .memory import pss_bytes
-from .serve import ZeroCopyDeployment, find_or_publish
-from .weights import release
 
 
-def serve_file(path: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+class ReplicaStartError(ZeroCopyError):
+    """The application's replicas failed to start; the message is their own exception's."""
+
+
+def preflight(args: AppArgs) -> Path:
+    """The checkpoint's local path, checked before any Ray process starts: present, intact, the right checksum.
+
+    Only the header of each file is read (its tensors are mapped, not loaded),
+    except that a given sha256 is verified over the whole file, as the publisher would.
+    """
+    path = local_path(args.model)
+    verify(path, args.model)
+    load_mapped(path)
+    return path
+
+
+def serve_application(
+    application: dict[str, Any],
+    base_dir: Path,
+    *,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dashboard_port: int = 8265,
+) -> None:
     """Publish, deploy, print the endpoint and a memory summary, then serve until Ctrl-C."""
-    resource = yaml.safe_load(path.read_text())
-    base = path.resolve().parent
-    args, settings = from_resource(resource, base_dir=base)
+    args = AppArgs.model_validate(application["args"])
+    os.environ.setdefault("ZEROCOPY_MODEL_DIR", str(base_dir))
+    preflight(args)
+    import ray
+    from ray import serve
+
+    from .serve import find_or_publish
+    from .weights import release
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Files next to the resource (the architecture's module, handlers) are importable by replicas.
-    pythonpath = os.pathsep.join(filter(None, [str(base), os.environ.get("PYTHONPATH")]))
-    env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
-    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
-    print(f"publishing {args.model.uri} ...", flush=True)
-    started = time.perf_counter()
-    published = find_or_publish(args, progress=ProgressLine(sys.stdout))
-    seconds = time.perf_counter() - started
-    print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
-    serve.start(http_options={"host": host, "port": port})
-    bound = ZeroCopyDeployment.options(num_replicas=settings.replicas).bind(args.model_dump())  # type: ignore[attr-defined]
-    serve.run(bound, name=args.name, route_prefix=settings.route_prefix)
-    endpoint = f"http://{host}:{port}{settings.route_prefix}"
-    print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": [...]}}; GET {endpoint}/-/info)')
-    print(memory_summary(endpoint, settings.replicas, published.nbytes, published.owner_pid), flush=True)
-    # Ctrl-C and `kill` (SIGTERM) both stop cleanly, even where SIGINT was inherited as ignored.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Files next to the resource (the architecture's module, handlers) are importable by replicas, and
+    # relative model paths are taken against the resource's folder, as ZEROCOPY_MODEL_DIR is in a cluster.
+    pythonpath = os.pathsep.join(filter(None, [str(base_dir), os.environ.get("PYTHONPATH")]))
+    env = {
+        "PYTHONPATH": pythonpath,
+        "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+        "ZEROCOPY_MODEL_DIR": os.environ["ZEROCOPY_MODEL_DIR"],
+    }
+    context = ray.init(
+        address=address,
+        runtime_env={"env_vars": env},
+        include_dashboard=None if address else True,
+        dashboard_port=dashboard_port,
+        log_to_driver=False,
+    )
+    published = None
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        print("shutting down", flush=True)
+        print(f"publishing {args.model.uri} ...", flush=True)
+        started = time.perf_counter()
+        published = find_or_publish(args, progress=ProgressLine(sys.stdout))
+        seconds = time.perf_counter() - started
+        print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
+        deploy(application | {"runtime_env": {"env_vars": env}}, host, port)
+        endpoint = f"http://{host}:{port}{application['route_prefix']}"
+        print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": ...}}; GET {endpoint}/-/info)')
+        replicas = wait_running(args.name)
+        print(memory_summary(endpoint, replicas, published.nbytes, published.owner_pid), flush=True)
+        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
+        if dashboard:
+            gcs = ray.get_runtime_context().gcs_address
+            print(f"Ray dashboard at {dashboard}: `serve status -a {dashboard}`, `serve config -a {dashboard}`, "
+                  f"`ray status --address {gcs}`", flush=True)  # fmt: skip
+        # Ctrl-C and `kill` (SIGTERM) both stop cleanly, even where SIGINT was inherited as ignored.
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+            print("shutting down", flush=True)
     finally:
-        serve.delete(args.name)
-        release(published)
+        if serve.context._get_global_client(raise_if_no_controller_running=False):
+            serve.delete(args.name)
+        if published is not None:
+            release(published)
         ray.shutdown()
+
+
+def deploy(application: dict[str, Any], host: str, port: int) -> None:
+    """Deploy one application from its config, the way `serve deploy` and KubeRay do."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.start(http_options={"host": host, "port": port})
+    config = ServeDeploySchema.model_validate({"applications": [application]})
+    client = serve.context._get_global_client()
+    assert client is not None  # serve.start connected it
+    client.deploy_apps(config)
+
+
+def wait_running(name: str, timeout_s: float = 900) -> int:
+    """Wait for the application to run; its replica count. A failed start raises with the replica's own error."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        status = str(app.status) if app else "NOT_STARTED"
+        if status.endswith("RUNNING"):
+            states = [d.replica_states for d in app.deployments.values()]  # type: ignore[union-attr]
+            return sum(n for s in states for state, n in s.items() if str(state).endswith("RUNNING"))
+        if status.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            messages = [d.message for d in app.deployments.values() if d.message] or [app.message]  # type: ignore[union-attr]
+            raise ReplicaStartError(f"the replicas of {name} failed to start: {replica_error(' '.join(messages))}")
+        time.sleep(0.5)
+    raise ReplicaStartError(f"the replicas of {name} were not running after {timeout_s:.0f} s; see `serve status`")
+
+
+#: The last line of a Python traceback: `package.module.SomeError: message`.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit)): ?(.*)$")
+
+
+def replica_error(message: str) -> str:
+    """The exception a replica died of, from Serve's deployment message (which embeds its traceback)."""
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        found = _EXCEPTION_LINE.match(lines[i].strip())
+        if found and not lines[i].startswith(" "):
+            rest = " ".join(line.strip() for line in lines[i + 1 :] if line.strip())
+            return f"{found.group(1)}: {' '.join(filter(None, [found.group(2), rest]))}"
+    return message.strip() or "no message (see the replica logs under the Ray session's logs folder)"
 
 
 class ProgressLine:

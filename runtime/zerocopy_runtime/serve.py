@@ -130,7 +130,7 @@ class ZeroCopyDeployment:
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        factory = architecture_factory(self.args.architecture, local_path(self.args.model))
+        factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
         self.model = attach(self.published, factory=factory, write_guard=self.args.write_guard, device=device).eval()
         self.report = attach_report(self.model)
         self.metrics = ReplicaMetrics(self.args.name, self.args.handler)

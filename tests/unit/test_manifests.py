@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from zerocopy_operator import quantity
-from zerocopy_operator.manifests import build_rayservice, endpoint, parse_spec
+from zerocopy_operator.manifests import build_app_args, build_rayservice, endpoint, parse_spec
 from zerocopy_operator.validation import InvalidSpec, validate
-from zerocopy_runtime.config import from_resource
 
 pytestmark = pytest.mark.unit
 
@@ -64,7 +63,7 @@ def test_serve_config_runs_the_runtime_with_the_same_args_as_zerocopy_serve() ->
     app = _serve_config(build_rayservice(resource, IMAGE))["applications"][0]
     assert app["import_path"] == "zerocopy_runtime.serve:build_app"
     assert app["route_prefix"] == "/tiny-mlp"
-    args, _ = from_resource(resource)
+    args = build_app_args("tiny-mlp", parse_spec(resource))
     assert app["args"] == args.model_dump(mode="json", exclude_none=True)
     deployment = app["deployments"][0]
     assert deployment["num_replicas"] == 2
