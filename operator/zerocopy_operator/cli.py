@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         import kopf  # noqa: F401
     except ImportError:
-        raise UserError("`zerocopy operator` needs the operator extra: pip install 'zerocopy-operator[operator]'") from None
+        raise UserError(
+            "`zerocopy operator` needs the operator extra: pip install 'zerocopy-operator[operator]'"
+        ) from None
     run_operator(args)
     return 0
 

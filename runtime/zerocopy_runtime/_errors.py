@@ -33,3 +33,7 @@ class AlreadyPublishedError(ZeroCopyError):
 
 class PublishInProgressError(WeightsNotFoundError):
     """The owner exists but is still copying the weights into the store; its copy is usable once sealed."""
+
+
+class SettingError(ZeroCopyError, ValueError):
+    """A setting names something the runtime cannot find (a factory, a handler, a transformers class)."""

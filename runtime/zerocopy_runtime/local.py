@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._architecture import architecture_factory
 from ._checkpoint import load_mapped
 from ._errors import ZeroCopyError
 from ._source import local_path, verify
@@ -35,11 +36,13 @@ def preflight(args: AppArgs) -> Path:
     """The checkpoint's local path, checked before any Ray process starts: present, intact, the right checksum.
 
     Only the header of each file is read (its tensors are mapped, not loaded),
-    except that a given sha256 is verified over the whole file, as the publisher would.
+    except that a given sha256 is verified over the whole file, as the publisher would;
+    the architecture's factory is imported (with the resource's folder importable) but not called.
     """
     path = local_path(args.model)
     verify(path, args.model)
     load_mapped(path)
+    architecture_factory(args.model.architecture, path)  # imports the factory or checks the class; builds nothing
     return path
 
 
@@ -55,6 +58,7 @@ def serve_application(
     """Publish, deploy, print the endpoint and a memory summary, then serve until Ctrl-C."""
     args = AppArgs.model_validate(application["args"])
     os.environ.setdefault("ZEROCOPY_MODEL_DIR", str(base_dir))
+    sys.path.insert(0, str(base_dir))
     preflight(args)
     import ray
     from ray import serve
@@ -105,11 +109,12 @@ def serve_application(
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
             print("shutting down", flush=True)
     finally:
-        if serve.context._get_global_client(raise_if_no_controller_running=False):
-            serve.delete(args.name)
-        if published is not None:
-            release(published)
-        ray.shutdown()
+        if address is not None:  # a cluster we joined keeps running: take back what we put there
+            if serve.context._get_global_client(raise_if_no_controller_running=False):
+                serve.delete(args.name)
+            if published is not None:
+                release(published)
+        ray.shutdown()  # an embedded Ray stops with everything in it
 
 
 def deploy(application: dict[str, Any], host: str, port: int) -> None:

@@ -448,13 +448,13 @@ def _assign(
                     missing.append(names[0])
                 continue
             source = tensors[found]
+            used.add(found)  # named by the architecture, whether or not it fits
             if source.shape != current.shape or source.dtype != current.dtype:
                 mismatched.append(
                     f"{names[0]!r}: checkpoint {tuple(source.shape)} {source.dtype}, "
                     f"architecture {tuple(current.shape)} {current.dtype}"
                 )
                 continue
-            used.add(found)
             if kind == "_parameters":
                 source = nn.Parameter(source.detach(), requires_grad=current.requires_grad)
             for mod, leaf in places:

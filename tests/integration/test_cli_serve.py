@@ -59,7 +59,8 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "zerocopy_operator.cli", "serve", str(tmp_path / "model.yaml"), "--port", str(port)],
+        [sys.executable, "-m", "zerocopy_operator.cli", "serve", str(tmp_path / "model.yaml"), "--port", str(port),
+         "--dashboard-port", str(port + 1)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
@@ -84,6 +85,37 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_replica_that_fails_to_start_is_reported_with_its_own_error(tmp_path: Path) -> None:
+    """An architecture that does not fit the checkpoint passes every check before Ray; the replicas refuse it."""
+    save_file(MLP(16, 1).state_dict(), tmp_path / "mlp.safetensors")
+    resource = {
+        "apiVersion": "zerocopy.dev/v1alpha1",
+        "kind": "ZeroCopyModel",
+        "metadata": {"name": "cli-wrong"},
+        "spec": {
+            "model": {
+                "uri": "mlp.safetensors",
+                "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 8, "depth": 1}},
+            },
+        },
+    }
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(resource))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "zerocopy_operator.cli", "serve", str(tmp_path / "model.yaml"), "--port", str(port),
+         "--dashboard-port", str(port + 1)],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("zerocopy serve: the replicas of cli-wrong failed to start: CheckpointError: "), message
+    assert "'net.0.weight': checkpoint (16, 16) torch.float32, architecture (8, 8) torch.float32" in message
 
 
 def _tiny_mlp() -> torch.nn.Module:
