@@ -91,8 +91,10 @@ def run_method(method: str, paths: dict[str, str], mib: int, port: int, most: in
             args = AppArgs.model_validate(
                 {
                     "name": "bench",
-                    "model": {"uri": paths["st"]},
-                    "architecture": {"factory": "bench_serve:build", "kwargs": {"mib": mib}},
+                    "model": {
+                        "uri": paths["st"],
+                        "architecture": {"factory": "bench_serve:build", "kwargs": {"mib": mib}},
+                    },
                 }
             )
             app = ZeroCopyDeployment.options(num_replicas=replicas, health_check_period_s=1).bind(args.model_dump())
@@ -129,8 +131,10 @@ def run_load(paths: dict[str, str], mib: int, port: int, replicas: int, concurre
             args = AppArgs.model_validate(
                 {
                     "name": "bench",
-                    "model": {"uri": paths["st"]},
-                    "architecture": {"factory": "bench_serve:build", "kwargs": {"mib": mib}},
+                    "model": {
+                        "uri": paths["st"],
+                        "architecture": {"factory": "bench_serve:build", "kwargs": {"mib": mib}},
+                    },
                     "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.005},
                 }
             )

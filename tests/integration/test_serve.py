@@ -45,12 +45,12 @@ def app(serve_port: int, tmp_path: Path) -> Iterator[Any]:
     checkpoint = tmp_path / "mlp.safetensors"
     save_file(model.state_dict(), checkpoint)
 
-    def deploy(replicas: int = 1, **overrides: Any) -> str:
-        args = {
-            "name": "mlp",
-            "model": {"uri": f"file://{checkpoint}"},
-            "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 2}},
-        } | overrides
+    def deploy(replicas: int = 1, architecture: dict | None = None, **overrides: Any) -> str:
+        model = {
+            "uri": f"file://{checkpoint}",
+            "architecture": architecture or {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 2}},
+        } | overrides.pop("model", {})
+        args = {"name": "mlp", "model": model} | overrides
         options = {"num_replicas": replicas, "health_check_period_s": 1}
         bound = ZeroCopyDeployment.options(**options).bind(AppArgs.model_validate(args).model_dump())
         try:
@@ -107,7 +107,7 @@ def test_malformed_body_gets_400_and_the_replica_keeps_serving(app: Any) -> None
     assert "inputs" in body["error"]
     status, body = _post(url, {"inputs": torch.randn(10).tolist()})  # the model takes 16 features
     assert status == 400
-    assert "(10,)" in body["error"]
+    assert "inputs [10]" in body["error"]
     status, _ = _post(url, {"inputs": torch.randn(16).tolist()})
     assert status == 200
 
@@ -155,12 +155,12 @@ def test_checksum_mismatch_fails_the_deployment_with_the_fix(app: Any) -> None:
 
 
 def test_args_are_validated_before_deploying() -> None:
-    with pytest.raises(ValueError, match="import path"):
-        build_app({"name": "m", "model": {"uri": "/x"}, "architecture": {"factory": "not a path"}})
+    with pytest.raises(ValueError, match="should match pattern"):
+        build_app({"name": "m", "model": {"uri": "/x", "architecture": {"factory": "not a path"}}})
     with pytest.raises(ValueError, match="unsupported URI scheme"):
-        build_app({"name": "m", "model": {"uri": "ftp://x"}, "architecture": {"factory": "a.b:c"}})
+        build_app({"name": "m", "model": {"uri": "ftp://x", "architecture": {"factory": "a.b:c"}}})
     with pytest.raises(ValueError, match="Extra inputs"):
-        build_app({"name": "m", "model": {"uri": "/x"}, "architecture": {"factory": "a.b:c"}, "batchsize": 3})
+        build_app({"name": "m", "model": {"uri": "/x", "architecture": {"factory": "a.b:c"}}, "batchsize": 3})
 
 
 def test_new_revision_publishes_once_and_releases_the_old_buffers(app: Any, tmp_path: Path) -> None:
@@ -322,3 +322,69 @@ def test_transformers_model_is_built_from_its_config_json(app: Any, tmp_path: Pa
     assert info["shared"] is True
     tied_once = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     assert info["bytes_shared"] == sum(tied_once.values())  # lm_head shares the token embedding: stored once
+
+
+def _concurrently(url: str, bodies: list[dict]) -> list[tuple[int, Any]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: _post(url, body), bodies))
+
+
+def test_served_causal_lm_equals_the_model_run_directly_alone_and_batched(app: Any, tmp_path: Path) -> None:
+    """The README's request forms on a Llama model: one sequence per request, the replica batching them."""
+    from tests.unit.test_handlers import tiny_llama
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "llama")
+    url = app(
+        model={"uri": str(tmp_path / "llama")},
+        architecture={"transformers": "LlamaForCausalLM"},
+        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
+    )
+    prompts = [[1, 5, 9, 13, 2, 7], [3, 4, 5, 6, 7, 8], [9, 9, 1, 2, 3, 4], [7, 2, 5]]
+    alone = _post(url, {"inputs": prompts[0]})
+    together = _concurrently(url, [{"inputs": p} for p in prompts])
+    padded_ids, padded_mask = [0, 0, *prompts[3]], [0, 0, 1, 1, 1]  # left padding, as for generation
+    masked = _post(url, {"inputs": {"input_ids": padded_ids, "attention_mask": padded_mask}, "dtype": "int64"})
+    with torch.no_grad():
+        expected = [model(torch.tensor([p])).logits[0] for p in prompts]
+        expected_masked = model(input_ids=torch.tensor([padded_ids]), attention_mask=torch.tensor([padded_mask]))
+    assert alone[0] == 200, alone
+    assert torch.allclose(torch.tensor(alone[1]["outputs"]), expected[0], atol=1e-5)
+    for (status, body), want in zip(together, expected, strict=True):
+        assert status == 200, body
+        assert torch.allclose(torch.tensor(body["outputs"]), want, atol=1e-5)
+    assert masked[0] == 200, masked
+    assert torch.allclose(torch.tensor(masked[1]["outputs"]), expected_masked.logits[0], atol=1e-5)
+    assert _get(url + "/-/info")["largest_batch"] > 1
+    status, body = _post(url, {"inputs": [prompts[0]], "dtype": "int64"})  # a batch dimension of the client's own
+    assert status == 400
+    assert "without a batch dimension" in body["error"]
+
+
+def test_served_encoder_with_padding_equals_the_model_run_directly(app: Any, tmp_path: Path) -> None:
+    from tests.unit.test_handlers import tiny_bert
+
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "bert")
+    url = app(
+        model={"uri": str(tmp_path / "bert")},
+        architecture={"transformers": "BertModel"},
+        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
+    )
+    sequences = [[2, 7, 11, 5, 9, 3], [2, 8, 4, 0, 0, 0], [2, 6, 6, 6, 0, 0]]
+    masks = [[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
+    answers = _concurrently(
+        url, [{"inputs": {"input_ids": s, "attention_mask": m}} for s, m in zip(sequences, masks, strict=True)]
+    )
+    with torch.no_grad():
+        for (status, body), ids, mask in zip(answers, sequences, masks, strict=True):
+            assert status == 200, body
+            want = model(input_ids=torch.tensor([ids]), attention_mask=torch.tensor([mask])).last_hidden_state[0]
+            assert torch.allclose(torch.tensor(body["outputs"]), want, atol=1e-5)
+        real = sum(masks[1])
+        alone = model(input_ids=torch.tensor([sequences[1][:real]])).last_hidden_state[0]
+    # With its mask, a padded sequence's real tokens read exactly as the unpadded sequence would.
+    assert torch.allclose(torch.tensor(answers[1][1]["outputs"])[:real], alone, atol=1e-4)
+    assert _get(url + "/-/info")["largest_batch"] > 1

@@ -33,7 +33,7 @@ def tiny_bert() -> Any:
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64,
     )  # fmt: skip
-    return BertModel(config, add_pooling_layer=False).eval()
+    return BertModel(config).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.float16])
