@@ -92,8 +92,11 @@ def info_url() -> Iterator[str]:
 class Operator:
     """`python -m zerocopy_operator` in a subprocess, watching one namespace; restartable."""
 
-    def __init__(self, cluster: Cluster, namespace: str, info_url: str, log: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, info_url: str, log: Path, module: str = "zerocopy_operator"
+    ) -> None:
         self.cluster, self.namespace, self.info_url, self.log = cluster, namespace, info_url, log
+        self.module = module
         self.process: subprocess.Popen[bytes] | None = None
         self.kubeconfig = cluster.kubeconfig
         if cluster.requests is not None:  # the emulator: its own token, so that its requests can be checked
@@ -102,7 +105,7 @@ class Operator:
     def start(self) -> None:
         port = _free_port()
         command = [
-            sys.executable, "-m", "zerocopy_operator", "--namespace", self.namespace, "--verbose",
+            sys.executable, "-m", self.module, "--namespace", self.namespace, "--verbose",
             "--liveness", f"http://127.0.0.1:{port}/healthz", "--info-url", self.info_url, "--image", "runtime:test",
         ]  # fmt: skip
         env = {**self.cluster.env(), "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(ROOT)}
@@ -290,6 +293,53 @@ def test_a_bad_model_gets_a_condition_and_an_event_while_others_reconcile(
     cluster.kubectl("wait", "zcm/fine", "-n", namespace, "--for=condition=Ready", "--timeout=60s", check=True)
     events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     assert sum(e["involvedObject"]["name"] == "broken" for e in events) <= before
+
+
+def test_an_unexpected_failure_is_a_condition_and_an_event_not_a_retry_loop(
+    cluster: Cluster, namespace: str, info_url: str, tmp_path: Path
+) -> None:
+    """A bug in the builder (injected through the Settings.build seam) is reported once, then left alone."""
+    own = f"{namespace}-faulty"
+    cluster.kubectl("create", "namespace", own, check=True)
+    faulty = Operator(cluster, own, info_url, tmp_path / "faulty.log", module="tests.integration.faulty_operator")
+    faulty.start()
+    try:
+        _apply(cluster, own, _model("buggy"))
+        ready = eventually(
+            lambda: (c := _condition(_get(cluster, own, "zcm", "buggy"))).get("reason") == "OperatorError" and c,
+            what="buggy's OperatorError condition",
+        )
+        assert ready["status"] == "False"
+        assert "KeyError" in ready["message"]
+        assert "injected failure building the RayService of buggy" in ready["message"]
+        assert "will not retry until the spec changes" in ready["message"]
+        event = eventually(lambda: _event(cluster, own, "buggy", "OperatorError"), what="a Warning event on buggy")
+        assert event["type"] == "Warning"
+        assert _get(cluster, own, "rayservice", "buggy") is None  # nothing half-applied
+        # kopf records the spec as handled: it will not run the handler again for this spec.
+        handled = eventually(
+            lambda: ((_get(cluster, own, "zcm", "buggy") or {})["metadata"].get("annotations") or {}).get(
+                "zerocopy.dev/last-handled-configuration"
+            ),
+            what="kopf's record that this spec was handled",
+        )
+        model = _get(cluster, own, "zcm", "buggy") or {}
+        assert json.loads(handled)["spec"] == model["spec"]
+        assert model["status"]["observedGeneration"] == model["metadata"]["generation"]
+        # A new spec is a new attempt.
+        _apply(cluster, own, _model("buggy", replicas=3))
+        eventually(
+            lambda: (
+                (m := _get(cluster, own, "zcm", "buggy") or {})["status"]["observedGeneration"]
+                == m["metadata"]["generation"]
+                > model["metadata"]["generation"]
+            ),
+            what="the edited spec to be handled again",
+        )
+        assert "Traceback" not in _condition(_get(cluster, own, "zcm", "buggy"))["message"]
+    finally:
+        faulty.stop()
+        cluster.kubectl("delete", "namespace", own, "--wait=false")
 
 
 def test_a_namespaced_operator_leaves_other_namespaces_alone(
