@@ -124,22 +124,29 @@ class ZeroCopyDeployment:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
         self.handler = load_handler(self.args.handler)
-        self.published = find_or_publish(self.args)
-        _register_replica(self.published)
-        release_unused_revisions(self.args.name, keep=self.published.name)
         device = self.args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
-        self.model = attach(self.published, factory=factory, write_guard=self.args.write_guard, device=device).eval()
-        self.report = attach_report(self.model)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
         self.metrics = ReplicaMetrics(self.args.name, self.args.handler)
-        self.metrics.attached(self.report.attach_seconds, self.report.bytes_shared)
-        self.fingerprint = fingerprint(self.model)
+        self.reattached = 0
+        self._attach()
+        release_unused_revisions(self.args.name, keep=self.published.name)
         self.largest_batch = 0
         # serve.batch methods carry these setters; its type stubs do not say so.
         self.batched.set_max_batch_size(self.args.batching.max_batch_size)  # type: ignore[attr-defined]
         self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    def _attach(self) -> None:
+        """Find (or publish) this revision's weights and point a fresh model at them."""
+        published = find_or_publish(self.args)
+        _register_replica(published)
+        model = attach(published, factory=self.factory, write_guard=self.args.write_guard, device=self.device).eval()
+        report = attach_report(model)
+        # Swapped at once: a request in flight finishes on the model it started with.
+        self.published, self.model, self.report = published, model, report
+        # On a GPU the weights are a private device copy: the check below is for shared host pages.
+        self.fingerprint = fingerprint(model) if self.device == "cpu" else 0
+        self.metrics.attached(report.attach_seconds, report.bytes_shared)
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.url.path.rstrip("/").endswith("/-/info"):
@@ -195,11 +202,22 @@ class ZeroCopyDeployment:
             "object_ids": [ref.hex() for ref in self.published.refs],
             "max_batch_size": self.args.batching.max_batch_size,
             "largest_batch": self.largest_batch,
+            "reattached": self.reattached,
         }
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose weights are no longer attached or intact."""
-        if self.args.device == "cpu" and fingerprint(self.model) != self.fingerprint:
+        """Serve restarts a replica whose weights are no longer intact; a lost owner is replaced in place.
+
+        When the owner of the shared copy dies (killed, or its node lost), the
+        pages this replica holds stay valid until it lets go of them, so it
+        re-attaches instead of failing: the first replica on the node to notice
+        publishes again, the others wait for that copy, and no replica stops serving.
+        """
+        try:
+            lookup(self.published.name)
+        except WeightsNotFoundError:
+            self._attach()
+            self.reattached += 1
+        if self.device == "cpu" and fingerprint(self.model) != self.fingerprint:
             raise RuntimeError("The attached weights changed or moved since attach; restarting this replica.")
-        lookup(self.published.name)  # raises if the owner of the shared copy is gone
         release_unused_revisions(self.args.name, keep=self.published.name)

@@ -78,6 +78,7 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
             outputs = torch.tensor(json.loads(response.read())["outputs"])
         with torch.no_grad():
             assert torch.allclose(outputs, model(x.unsqueeze(0))[0], atol=1e-6)
+        _serve_cli_sees_the_application(port + 1)
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=120)
         assert process.returncode == 0, out[-3000:]
@@ -85,6 +86,22 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _serve_cli_sees_the_application(dashboard_port: int) -> None:
+    """Ray Serve's own CLI, against the embedded Ray's dashboard: the app and the config it was deployed from."""
+    address = f"http://127.0.0.1:{dashboard_port}"
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    status = subprocess.run([serve_cli, "status", "-a", address], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    applications = yaml.safe_load(status.stdout)["applications"]
+    assert applications["cli-mlp"]["status"] == "RUNNING"
+    assert applications["cli-mlp"]["deployments"]["ZeroCopyDeployment"]["replica_states"] == {"RUNNING": 2}
+    config = subprocess.run([serve_cli, "config", "-a", address], capture_output=True, text=True, timeout=60)
+    assert config.returncode == 0, config.stderr
+    deployed = yaml.safe_load(config.stdout)
+    assert (deployed["name"], deployed["import_path"]) == ("cli-mlp", "zerocopy_runtime.serve:build_app")
+    assert deployed["args"]["model"]["uri"] == "file://mlp.safetensors"
 
 
 def test_a_replica_that_fails_to_start_is_reported_with_its_own_error(tmp_path: Path) -> None:
