@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
-from zerocopy_runtime.config import ApiModel, ModelSource, ReplicaSettings, api_config, cel
+from zerocopy_runtime.config import REPLICA_RULES, ApiModel, ModelSource, ReplicaSettings, api_config, cel
 
 GROUP = "zerocopy.dev"
 VERSION = "v1alpha1"
@@ -30,7 +30,8 @@ DEFAULT_RAY_VERSION = "2.60.0"
 #: KubeRay refuses RayServices with longer names (it derives RayCluster and Service names from them),
 #: and the RayService takes the model's name.
 MAX_NAME_LENGTH = 47
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: A DNS-1035 label, as KubeRay requires of RayService names (a letter first).
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
@@ -90,7 +91,8 @@ class Serving(ReplicaSettings):
     """The Serve application: what each replica does (`ReplicaSettings`), how many, and what each needs."""
 
     model_config = cel(
-        ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both")
+        *REPLICA_RULES,
+        ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both"),
     )
 
     route_prefix: str | None = Field(
@@ -103,6 +105,13 @@ class Serving(ReplicaSettings):
     gpus_per_replica: float = Field(default=0, ge=0, le=64, description="Ray GPUs per replica (fractions allowed).")
     health_check_period_s: float = Field(default=10, gt=0, le=3600)
     health_check_timeout_s: float = Field(default=30, gt=0, le=3600)
+
+    @field_validator("cpus_per_replica", "gpus_per_replica")
+    @classmethod
+    def _ray_precision(cls, value: float) -> float:
+        if abs(value * 10_000 - round(value * 10_000)) > 1e-6:
+            raise ValueError(f"{value!r} has more precision than Ray's 0.0001 resource unit: round it, as in 0.25")
+        return value
 
     @model_validator(mode="after")
     def _one_count(self) -> Serving:
@@ -173,9 +182,9 @@ class Cluster(_Spec):
 class IncrementalUpgrade(_Spec):
     """Options of KubeRay's NewClusterWithIncrementalUpgrade (needs the Gateway API)."""
 
-    gateway_class_name: str
+    gateway_class_name: str = Field(min_length=1, description="The Gateway API class KubeRay shifts traffic with.")
     step_size_percent: int = Field(ge=1, le=100)
-    interval_seconds: int = Field(ge=1)
+    interval_seconds: int = Field(ge=1, le=2**31 - 1, description="KubeRay holds it as a 32-bit integer.")
     max_surge_percent: int = Field(default=100, ge=1, le=100)
 
 
@@ -195,10 +204,28 @@ class UpgradeStrategy(_Spec):
 class ZeroCopyModelSpec(_Spec):
     """A PyTorch model served on Ray with its weights held once per node."""
 
+    model_config = cel(
+        (
+            "!has(self.upgradeStrategy) || !has(self.upgradeStrategy.type) || "
+            "self.upgradeStrategy.type != 'NewClusterWithIncrementalUpgrade' || "
+            "(has(self.cluster) && has(self.cluster.enableInTreeAutoscaling) && self.cluster.enableInTreeAutoscaling)",
+            "upgradeStrategy NewClusterWithIncrementalUpgrade needs cluster.enableInTreeAutoscaling: true (KubeRay)",
+        )
+    )
+
     model: Model
     serving: Serving = Field(default_factory=Serving)
     cluster: Cluster = Field(default_factory=Cluster)
     upgrade_strategy: UpgradeStrategy = Field(default_factory=UpgradeStrategy)
+
+    @model_validator(mode="after")
+    def _incremental_needs_autoscaler(self) -> ZeroCopyModelSpec:
+        incremental = self.upgrade_strategy.type == "NewClusterWithIncrementalUpgrade"
+        if incremental and not self.cluster.enable_in_tree_autoscaling:
+            raise ValueError(
+                "upgradeStrategy NewClusterWithIncrementalUpgrade needs cluster.enableInTreeAutoscaling: true (KubeRay)"
+            )
+        return self
 
 
 class Condition(_Spec):

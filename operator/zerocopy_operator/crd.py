@@ -16,6 +16,7 @@ from .api import (
     GROUP,
     KIND,
     MAX_NAME_LENGTH,
+    NAME_PATTERN,
     PLURAL,
     PRINTER_COLUMNS,
     SHORT_NAME,
@@ -45,7 +46,12 @@ def build_crd() -> dict[str, Any]:
                 "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: KubeRay refuses longer "
                 "RayService names, and the model's RayService takes its name",
-            }
+            },
+            {
+                "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+                "message": "metadata.name must start with a letter: KubeRay requires a DNS-1035 label of RayService "
+                "names, and the model's RayService takes its name",
+            },
         ],
         "properties": {
             "apiVersion": {"type": "string"},

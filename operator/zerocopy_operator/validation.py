@@ -65,7 +65,10 @@ def name_problem(resource: dict[str, Any]) -> list[str]:
             "longer RayService names (the model's RayService takes its name); choose a shorter name"
         ]
     if not re.match(NAME_PATTERN, name):
-        return [f"metadata.name {name!r} must be lower-case letters, digits and '-', starting and ending alphanumeric"]
+        return [
+            f"metadata.name {name!r} must start with a letter and hold only lower-case letters, digits and '-' "
+            "(KubeRay requires a DNS-1035 label of RayService names)"
+        ]
     return []
 
 
