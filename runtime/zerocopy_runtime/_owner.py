@@ -103,9 +103,10 @@ def check_room(needed: int, what: str) -> None:
         )
 
 
-# `progress` answers while a publish call runs; every other method runs one at a time.
+# `progress`, `describe` and `usage` answer while a publish call runs (a replica waiting for this copy must
+# see that it is still being published, and give up at its deadline); the other methods run one at a time.
 # (Ray's type stubs lack `concurrency_groups`, which ray.remote accepts for actors.)
-@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1})  # type: ignore[call-overload]
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1, "query": 1})  # type: ignore[call-overload]
 class WeightOwner:
     """Holds one model's store objects and its manifest."""
 
@@ -155,6 +156,7 @@ class WeightOwner:
         """Bytes copied so far and in all, while `publish_checkpoint` runs."""
         return self._copied
 
+    @ray.method(concurrency_group="query")
     def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int]:
         return self._manifest, list(self._chunks), os.getpid()
 
@@ -162,6 +164,7 @@ class WeightOwner:
         """Record a named actor (a Serve replica) that attached to these weights."""
         self._users.add((user, namespace))
 
+    @ray.method(concurrency_group="query")
     def usage(self) -> tuple[float, bool]:
         """When this owner started, and whether any registered user is still alive."""
         return self._started, self._in_use()

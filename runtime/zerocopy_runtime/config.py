@@ -107,9 +107,25 @@ class Batching(ApiModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10, description="Seconds to wait for a fuller batch.")
 
 
-class ReplicaSettings(ApiModel):
-    """What each replica does with a request: the handler, batching, device and write guard."""
+#: CEL rules of ReplicaSettings, repeated by classes that extend it (a subclass's rules replace its parent's).
+REPLICA_RULES = (
+    (
+        "!has(self.task) || self.task == 'tensor' || !has(self.handler) || self.handler == 'tensor'",
+        "serving.handler goes with task tensor; the text tasks answer the OpenAI-compatible routes themselves",
+    ),
+)
 
+
+class ReplicaSettings(ApiModel):
+    """What each replica does with a request: the task, handler, batching, device and write guard."""
+
+    model_config = cel(*REPLICA_RULES)
+
+    task: Literal["tensor", "text-generation", "embeddings"] = Field(
+        default="tensor",
+        description="tensor: JSON tensors in and out; text-generation (a causal LM) and embeddings (an encoder): "
+        "text through the OpenAI-compatible routes under the route prefix, with the tokenizer from the model folder.",
+    )
     handler: str = Field(
         default="tensor", description="'tensor' (JSON tensors in and out) or `package.module:function`."
     )
@@ -123,6 +139,14 @@ class ReplicaSettings(ApiModel):
         if value != "tensor" and not re.match(IMPORT_PATH, value):
             raise ValueError(f"handler {value!r} must be 'tensor' or an import path `package.module:function`")
         return value
+
+    @model_validator(mode="after")
+    def _handler_for_tensors(self) -> ReplicaSettings:
+        if self.task != "tensor" and self.handler != "tensor":
+            raise ValueError(
+                "serving.handler goes with task tensor; the text tasks answer the OpenAI-compatible routes themselves"
+            )
+        return self
 
 
 class AppArgs(ReplicaSettings):

@@ -8,6 +8,7 @@ name and attaches in milliseconds.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from typing import Any
@@ -16,8 +17,9 @@ import ray
 import torch
 from ray import serve
 from ray.serve import Application
+from ray.serve._private.constants import SERVE_NAMESPACE
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ._architecture import architecture_factory
 from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
@@ -26,6 +28,8 @@ from ._owner import NAMESPACE, actor_name, published_names
 from ._source import local_path, revision, verify
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
+from .openai_protocol import ApiError
+from .text import TextEngine, model_folder
 from .weights import Progress, PublishedModel, attach, attach_report, lookup, publish, release
 
 #: How long a replica waits for another replica's publish of the same revision.
@@ -74,7 +78,8 @@ def find_or_publish(
         try:
             return publish(path, name=name, progress=progress)
         except AlreadyPublishedError:
-            continue  # another replica won the race: wait for its copy
+            time.sleep(0.2)  # another replica won the race: wait for its copy
+            continue
 
 
 def _register_replica(published: PublishedModel) -> None:
@@ -82,7 +87,7 @@ def _register_replica(published: PublishedModel) -> None:
     name = context.get_actor_name()
     if name:  # Serve replicas are named actors; their owner learns who uses each revision
         owner = ray.get_actor(actor_name(published.name), namespace=published.namespace)
-        ray.get(owner.register.remote(name, context.namespace))
+        ray.get(owner.register.remote(name, SERVE_NAMESPACE))  # replicas are named there, not in the job's
 
 
 def release_unused_revisions(model: str, keep: str) -> list[str]:
@@ -129,7 +134,12 @@ class ZeroCopyDeployment:
         self.factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
         self.metrics = ReplicaMetrics(self.args.name, self.args.handler)
         self.reattached = 0
+        self.text: TextEngine | None = None
         self._attach()
+        if self.args.task != "tensor":
+            batching = (self.args.batching.max_batch_size, self.args.batching.batch_wait_timeout_s)
+            folder = model_folder(local_path(self.args.model))
+            self.text = TextEngine(self.args.task, self.model, folder, self.args.name, batching)
         release_unused_revisions(self.args.name, keep=self.published.name)
         self.largest_batch = 0
         # serve.batch methods carry these setters; its type stubs do not say so.
@@ -144,13 +154,18 @@ class ZeroCopyDeployment:
         report = attach_report(model)
         # Swapped at once: a request in flight finishes on the model it started with.
         self.published, self.model, self.report = published, model, report
+        if self.text is not None:
+            self.text.use(model)
         # On a GPU the weights are a private device copy: the check below is for shared host pages.
         self.fingerprint = fingerprint(model) if self.device == "cpu" else 0
         self.metrics.attached(report.attach_seconds, report.bytes_shared)
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        if request.url.path.rstrip("/").endswith("/-/info"):
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/")
+        if path.endswith("/-/info"):
             return JSONResponse(self.info())
+        if self.text is not None:
+            return await self._openai(request, path)
         try:
             body = await request.json()
         except ValueError as exc:
@@ -166,6 +181,37 @@ class ZeroCopyDeployment:
             return JSONResponse({"error": str(result)}, status_code=400)
         self.metrics.request()
         return JSONResponse(result)
+
+    async def _openai(self, request: Request, path: str) -> Response:
+        """The OpenAI-compatible routes under the route prefix; errors in OpenAI's shape."""
+        assert self.text is not None
+        try:
+            if path.endswith("/v1/models") and request.method == "GET":
+                return JSONResponse(self.text.models())
+            routes = {
+                "/v1/chat/completions": self.text.chat,
+                "/v1/completions": self.text.completions,
+                "/v1/embeddings": self.text.embeddings,
+            }
+            route = next((r for r in routes if path.endswith(r)), None)
+            if route is None or request.method != "POST":
+                routes_text = (
+                    "POST <route>/v1/chat/completions, /v1/completions or /v1/embeddings, GET <route>/v1/models"
+                )
+                raise ApiError(404, f"{request.method} {path} is not a route of {self.args.name}: {routes_text}")
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                raise ApiError(400, f"the body is not JSON: {exc}") from None
+            result = routes[route](body)
+            answer: Any = await result if inspect.isawaitable(result) else result
+        except ApiError as exc:
+            self.metrics.request(error="bad_request" if exc.status < 500 else "internal")
+            return JSONResponse(exc.body(), status_code=exc.status)
+        self.metrics.request()
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        return StreamingResponse(answer, media_type="text/event-stream")
 
     @serve.batch(max_batch_size=1)
     async def batched(self, bodies: list[Any]) -> list[Any]:
@@ -203,6 +249,7 @@ class ZeroCopyDeployment:
             "max_batch_size": self.args.batching.max_batch_size,
             "largest_batch": self.largest_batch,
             "reattached": self.reattached,
+            **(self.text.info() if self.text is not None else {"task": "tensor"}),
         }
 
     def check_health(self) -> None:
@@ -214,8 +261,11 @@ class ZeroCopyDeployment:
         publishes again, the others wait for that copy, and no replica stops serving.
         """
         try:
-            lookup(self.published.name)
+            current: PublishedModel | None = lookup(self.published.name)
         except WeightsNotFoundError:
+            current = None
+        # Another replica may have published again under the same name already: a new owner, a new copy.
+        if current is None or [r.hex() for r in current.refs] != [r.hex() for r in self.published.refs]:
             self._attach()
             self.reattached += 1
         if self.device == "cpu" and fingerprint(self.model) != self.fingerprint:

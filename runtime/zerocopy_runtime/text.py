@@ -1,0 +1,255 @@
+"""Text in, text out on shared weights: the OpenAI-compatible routes of one replica.
+
+`TextEngine` turns protocol requests into token ids (the tokenizer and chat
+template come from the model folder), runs them through the batch generator
+or the encoder, and answers in the protocol's shapes, streamed as server-sent
+events when asked. It knows nothing of Serve: the deployment routes HTTP to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import openai_protocol as api
+from ._errors import CheckpointError
+from .generation import BatchGenerator, SamplingParams
+
+#: Files of a model folder that text tasks read besides the weights (remote downloads fetch them too).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "chat_template.jinja", "generation_config.json", "modules.json", "1_Pooling/config.json",
+)  # fmt: skip
+
+
+def model_folder(weights: Path) -> Path:
+    return weights if weights.is_dir() else weights.parent
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The model's own tokenizer, from its folder only; a clear start-up error when there is none."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"Text tasks need the model's tokenizer beside its weights, and {folder} has none usable "
+            f"({type(exc).__name__}: {exc}). Save it there with tokenizer.save_pretrained() (tokenizer.json and "
+            "tokenizer_config.json), or serve the model with task: tensor."
+        ) from None
+    return tokenizer
+
+
+class TextEngine:
+    """One replica's text routes for a causal LM (`text-generation`) or an encoder (`embeddings`)."""
+
+    def __init__(self, task: str, model: nn.Module, folder: Path, name: str, batch: tuple[int, float]) -> None:
+        self.task, self.model, self.name = task, model, name
+        self.created = int(time.time())
+        self.tokenizer = load_tokenizer(folder)
+        config = getattr(model, "config", None)
+        self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        if task == "text-generation":
+            eos = _eos_ids(folder, self.tokenizer)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
+            self.generator: BatchGenerator | None = BatchGenerator(
+                model, eos, pad, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), *batch
+            )
+        else:
+            self.generator = None
+            self.pooling, self.normalize = _pooling(folder)
+
+    def use(self, model: nn.Module) -> None:
+        """Serve from a re-attached copy of the weights from now on."""
+        self.model = model
+        if self.generator is not None:
+            self.generator.model = model
+
+    # --- the routes -------------------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        return api.models_response(self.name, self.created)
+
+    async def chat(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
+        request = api.parse(api.ChatCompletionRequest, body)
+        self._needs("text-generation", "/v1/chat/completions")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise api.ApiError(400, f"{self.name} has no chat template (chat_template.jinja or tokenizer_config.json)")
+        messages = [m.model_dump() for m in request.messages]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        params = self._params(request, len(prompt), request.limit(self._room(len(prompt))))
+        ident = api.completion_id("chatcmpl")
+        if request.stream:
+            if request.n != 1:
+                raise api.ApiError(400, "stream: true takes n: 1", param="n")
+            return self._stream_chat(ident, prompt, params)
+        results = [await self._complete(prompt, params, i) for i in range(request.n)]
+        used = api.usage(len(prompt), sum(n for _, _, n in results))
+        return api.chat_response(ident, self.name, [(t, r) for t, r, _ in results], used)
+
+    async def completions(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
+        request = api.parse(api.CompletionRequest, body)
+        self._needs("text-generation", "/v1/completions")
+        prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in request.prompts()]
+        ident = api.completion_id("cmpl")
+        params_each = [self._params(request, len(p), request.max_tokens or 16) for p in prompts]
+        if request.stream:
+            if len(prompts) != 1 or request.n != 1:
+                raise api.ApiError(400, "stream: true takes one prompt and n: 1", param="stream")
+            return self._stream_completion(ident, prompts[0], params_each[0])
+        choices, generated = [], 0
+        for prompt, params in zip(prompts, params_each, strict=True):
+            for i in range(request.n):
+                text, reason, count = await self._complete(prompt, params, i)
+                choices.append((text, reason))
+                generated += count
+        return api.completion_response(ident, self.name, choices, api.usage(sum(map(len, prompts)), generated))
+
+    def embeddings(self, body: Any) -> dict[str, Any]:
+        request = api.parse(api.EmbeddingRequest, body)
+        self._needs("embeddings", "/v1/embeddings")
+        encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
+        if request.dimensions is not None:
+            raise api.ApiError(400, "dimensions is not supported: the model's embedding size is fixed", "dimensions")
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            hidden = self.model(**{k: v.to(device) for k, v in encoded.items()}).last_hidden_state
+            vectors = pool(hidden, encoded["attention_mask"].to(device), self.pooling)
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        tokens = int(encoded["attention_mask"].sum())
+        rows = vectors.float().cpu()
+        if request.encoding_format == "base64":
+            encoded_rows: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode() for row in rows]
+            return api.embeddings_response(self.name, encoded_rows, tokens)
+        return api.embeddings_response(self.name, rows.tolist(), tokens)
+
+    # --- generation ---------------------------------------------------------------------------------------------
+
+    def _needs(self, task: str, route: str) -> None:
+        if self.task != task:
+            raise api.ApiError(
+                404, f"{route} is not served by {self.name}, whose task is {self.task}", code="not_found"
+            )
+
+    def _room(self, prompt_tokens: int) -> int:
+        return max(1, (self.context or prompt_tokens + 256) - prompt_tokens)
+
+    def _params(self, request: Any, prompt_tokens: int, max_tokens: int) -> SamplingParams:
+        if self.context is not None and prompt_tokens + max_tokens > self.context:
+            raise api.ApiError(
+                400,
+                f"This model's maximum context length is {self.context} tokens; the prompt has {prompt_tokens} and "
+                f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+                param="messages" if hasattr(request, "messages") else "prompt",
+                code="context_length_exceeded",
+            )
+        return SamplingParams(max_tokens, request.temperature, request.top_p, request.stops(), request.seed)
+
+    async def _complete(self, prompt: list[int], params: SamplingParams, index: int) -> tuple[str, str, int]:
+        assert self.generator is not None
+        tokens: list[int] = []
+        reason = "length"
+        seeded = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+        async for token in self.generator.generate(prompt, seeded):
+            if token.token_id is not None:
+                tokens.append(token.token_id)
+            if token.finish_reason is not None:
+                reason = token.finish_reason
+        if reason.startswith("error"):
+            raise api.ApiError(500, f"generation failed: {reason}", kind="server_error")
+        return _cut(self._text(tokens), params.stop), reason, len(tokens)
+
+    def _text(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    async def _deltas(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[tuple[str, str | None]]:
+        """Text as it grows (only the part that cannot change any more), then the finish reason."""
+        assert self.generator is not None
+        tokens: list[int] = []
+        sent = ""
+        async for token in self.generator.generate(prompt, params):
+            if token.token_id is not None:
+                tokens.append(token.token_id)
+            text = _cut(self._text(tokens), params.stop)
+            reason = token.finish_reason
+            if reason is not None and reason.startswith("error"):
+                raise api.ApiError(500, f"generation failed: {reason}", kind="server_error")
+            # Hold back an incomplete character (a multi-byte token split) until the next token completes it.
+            ready = text if reason is not None else text.rstrip("\ufffd")
+            if len(ready) > len(sent) or reason is not None:
+                yield ready[len(sent) :], reason
+                sent = ready
+
+    async def _stream_chat(self, ident: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[str]:
+        yield _event(api.chat_chunk(ident, self.name, 0, {"role": "assistant", "content": ""}, None))
+        async for text, reason in self._deltas(prompt, params):
+            yield _event(api.chat_chunk(ident, self.name, 0, {"content": text} if text else {}, reason))
+        yield "data: [DONE]\n\n"
+
+    async def _stream_completion(self, ident: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[str]:
+        async for text, reason in self._deltas(prompt, params):
+            yield _event(api.completion_chunk(ident, self.name, 0, text, reason))
+        yield "data: [DONE]\n\n"
+
+    def info(self) -> dict[str, Any]:
+        generator = self.generator
+        return {
+            "task": self.task,
+            "context_length": self.context,
+            "largest_batch": generator.largest_batch if generator else 0,
+            "forward_passes": generator.forward_passes if generator else 0,
+        }
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    """The text up to the first stop string (which OpenAI leaves out of the answer)."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: generation_config.json's (often several for chat models), else the tokenizer's."""
+    path = folder / "generation_config.json"
+    ids: Any = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        raise CheckpointError(f"{folder}: no eos_token_id in generation_config.json or the tokenizer; set one")
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+
+
+def _pooling(folder: Path) -> tuple[str, bool]:
+    """The sentence-transformers pooling beside the weights (default mean) and whether it normalizes."""
+    config = folder / "1_Pooling" / "config.json"
+    mode = "mean"
+    if config.is_file():
+        settings = json.loads(config.read_text())
+        keys = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens"}
+        mode = next((m for m, key in keys.items() if settings.get(key)), "mean")
+    modules = folder / "modules.json"
+    normalize = modules.is_file() and "Normalize" in modules.read_text()
+    return mode, normalize
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per sequence from its tokens' states, padding excluded."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
