@@ -264,6 +264,8 @@ class ZeroCopyModelStatus(_Spec):
     conditions: list[Condition] = Field(default_factory=list, description="Ready first, then Cluster, Weights, Serve.")
     ray_service: str | None = Field(default=None, description="The RayService this model runs as.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the model's route.")
+    task: str | None = Field(default=None, description="What the replicas serve: tensor, text-generation, embeddings.")
+    openai_base_url: str | None = Field(default=None, description="base_url for OpenAI clients (text tasks).")
     weights: WeightsInfo | None = None
     replicas: str | None = Field(default=None, description="Ready replicas / desired, for `kubectl get`.")
     ready_replicas: int | None = None
@@ -275,6 +277,7 @@ PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Replicas", "type": "string", "jsonPath": ".status.replicas"},
+    {"name": "Task", "type": "string", "jsonPath": ".spec.serving.task", "priority": 1},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -57,7 +57,7 @@ def observed_status(
             condition("WeightsPublished", None, "NotServing"),
             condition("ServeReady", False, "RayServiceMissing"),
         ]
-        return _status(meta, "Pending", conditions, previous, now, None, None, 0, desired)
+        return _status(meta, spec, "Pending", conditions, previous, now, None, None, 0, desired)
     state = rayservice.get("status") or {}
     by_type = {c.get("type"): c for c in state.get("conditions") or []}
     app = ((state.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(meta["name"]) or {}
@@ -93,7 +93,7 @@ def observed_status(
     phase = "Failed" if failed else "Upgrading" if upgrading else "Ready" if ready else "Provisioning"
     ready_replicas = desired if deployment.get("status") == "HEALTHY" else 0
     conditions = [summary, cluster, published, serve]
-    return _status(meta, phase, conditions, previous, now, endpoint, weights, ready_replicas, desired)
+    return _status(meta, spec, phase, conditions, previous, now, endpoint, weights, ready_replicas, desired)
 
 
 def _desired_replicas(spec: ZeroCopyModelSpec) -> int:
@@ -110,6 +110,7 @@ def _weights_message(weights: dict[str, Any]) -> str:
 
 def _status(
     meta: dict[str, Any],
+    spec: ZeroCopyModelSpec,
     phase: str,
     conditions: list[dict[str, Any]],
     previous: list[dict[str, Any]],
@@ -125,6 +126,9 @@ def _status(
         "conditions": stamp(conditions, previous, now, meta.get("generation")),
         "rayService": meta["name"],
         "endpoint": endpoint,
+        "task": spec.serving.task,
+        # What an OpenAI client takes as base_url; only text tasks speak that protocol.
+        "openaiBaseUrl": f"{endpoint}/v1" if endpoint and spec.serving.task != "tensor" else None,
         "weights": weights,
         "replicas": f"{ready}/{desired}",
         "readyReplicas": ready,

@@ -62,7 +62,7 @@ def test_crd_names_columns_and_status_subresource() -> None:
     assert spec["names"]["shortNames"] == ["zcm"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Ready", "Phase", "Replicas", "Model", "Endpoint", "Age",
+        "Ready", "Phase", "Replicas", "Task", "Model", "Endpoint", "Age",
     ]  # fmt: skip
     rules = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["autoscaling"]
     assert rules["x-kubernetes-validations"][0]["rule"] == "self.minReplicas <= self.maxReplicas"

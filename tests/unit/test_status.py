@@ -92,3 +92,19 @@ def test_transition_time_moves_only_when_a_condition_changes() -> None:
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Ready"] == "t2"  # False -> True
     assert times["WeightsPublished"] == "t1"  # Unknown both times
+
+
+def test_text_tasks_show_the_task_and_the_openai_base_url() -> None:
+    from zerocopy_operator.api import ZeroCopyModelSpec
+    from zerocopy_operator.status import observed_status
+
+    resource = {"metadata": {"name": "chat", "namespace": "ml", "generation": 1}}
+    url = "http://chat-serve-svc.ml.svc:8000/chat"
+    for task, base in (("text-generation", f"{url}/v1"), ("tensor", None)):
+        spec = ZeroCopyModelSpec.model_validate(
+            {"model": {"uri": "/m", "architecture": {"transformers": "LlamaForCausalLM"}}, "serving": {"task": task}}
+        )
+        status = observed_status(resource, spec, None, None, url, "2026-01-01T00:00:00Z")
+        assert (status["task"], status["openaiBaseUrl"]) == (task, None)  # no endpoint before the RayService
+        status = observed_status(resource, spec, {"status": {}}, None, url, "2026-01-01T00:00:00Z")
+        assert (status["task"], status["openaiBaseUrl"]) == (task, base)
