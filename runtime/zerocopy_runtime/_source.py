@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from ._errors import CheckpointError
@@ -78,47 +80,66 @@ def _download(uri: str) -> Path:
     except ImportError as exc:
         raise CheckpointError(f"Reading {uri!r} needs fsspec: pip install fsspec") from exc
     target = cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if target.exists():
-        return target / Path(uri.rstrip("/")).name
+    name = Path(uri.rstrip("/")).name
+    if target.exists():  # only ever a complete download: it appears by one rename
+        return target / name
     fs_uri = _hf_to_fsspec(uri) if uri.startswith("hf://") else uri
+    # Private to this process: a download cut off halfway, or racing another replica's, is never used.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         fs, root = fsspec.core.url_to_fs(fs_uri)
-        partial = target.with_suffix(".partial")
-        local = partial / Path(root.rstrip("/")).name
+        local = partial / name
         if fs.isdir(root):
-            files = checkpoint_files([f for f in fs.ls(root, detail=False) if fs.isfile(f)])
+            top = root.rstrip("/")
+            found = [f for f in fs.find(top, maxdepth=2) if fs.isfile(f)]
+            files = checkpoint_files([f[len(top) + 1 :].lstrip("/") for f in found])
             if not files:
                 raise CheckpointError(f"{uri!r} holds no .safetensors, .pt, .pth or .bin weights at its top level.")
-            local.mkdir(parents=True, exist_ok=True)
-            fs.get(files, [str(local / Path(f).name) for f in files])
+            for file in files:
+                (local / file).parent.mkdir(parents=True, exist_ok=True)
+                fs.get(f"{top}/{file}", str(local / file))
         else:
             partial.mkdir(parents=True, exist_ok=True)
             fs.get(root, str(local))
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:
+            if not target.exists():  # not another replica's finished download: a real failure
+                raise
     except CheckpointError:
         raise
     except ImportError as exc:
         raise CheckpointError(
             f"Reading {uri!r} needs the filesystem package for its scheme ({exc.name}): pip install it."
         ) from exc
-    except Exception as exc:  # network, credentials, missing object: all reported the same way
+    except Exception as exc:  # network, credentials, missing object, a cut connection: reported the same way
         raise CheckpointError(
             f"Cannot download {uri!r}: {type(exc).__name__}: {exc}. Check network access and credentials "
             "(model.credentialsSecret / the store's environment variables)."
         ) from exc
-    return target / Path(root.rstrip("/")).name
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target / name
+
+
+#: Besides weights and JSON, what text tasks read from a model folder: tokenizer vocabularies and merges,
+#: sentencepiece models, chat templates.
+_SIDE_FILES = (".json", ".txt", ".model", ".jinja")
 
 
 def checkpoint_files(paths: list[str]) -> list[str]:
-    """The files of a model folder worth downloading: one weights format and the JSON beside it.
+    """The files of a model folder worth downloading: one weights format, and the config, tokenizer and
+    pooling files beside it (paths relative to the folder; one level of subfolders, such as 1_Pooling/).
 
     Hub repositories carry the same weights as ONNX, TF, Flax, TFLite and more;
     fetching all of them costs gigabytes that nothing reads. Safetensors win
     over torch pickles when both are present.
     """
-    safetensors = [p for p in paths if p.endswith(".safetensors")]
-    weights = safetensors or [p for p in paths if p.endswith((".pt", ".pth", ".bin"))]
-    return sorted(weights + [p for p in paths if p.endswith(".json")]) if weights else []
+    top = [p for p in paths if "/" not in p]
+    safetensors = [p for p in top if p.endswith(".safetensors")]
+    weights = safetensors or [p for p in top if p.endswith((".pt", ".pth", ".bin"))]
+    side = [p for p in paths if p.endswith(_SIDE_FILES) and p.count("/") <= 1 and not p.startswith(".")]
+    return sorted(weights + side) if weights else []
 
 
 def _hf_to_fsspec(uri: str) -> str:
