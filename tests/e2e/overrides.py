@@ -30,10 +30,12 @@ MIN_STORE = 256 * MiB
 
 @dataclass(frozen=True)
 class Sample:
-    """A prediction request for an example, and the shape of the answer's `outputs`."""
+    """A request for an example: a tensor prediction and the shape of its `outputs`, or, with `path`, a
+    request to one of the OpenAI-compatible routes under the model's route (answered with text)."""
 
     body: dict[str, Any]
     shape: list[int]
+    path: str = ""
 
 
 #: One request per example (by metadata.name). The unit tests fail when an example has none.
@@ -41,6 +43,11 @@ SAMPLES = {
     "tiny-mlp": Sample(body={"inputs": [0.1] * 256}, shape=[10]),
     # "Hello world" in GPT-2's tokens; the answer is the logits of each position over the vocabulary.
     "gpt2": Sample(body={"inputs": [15496, 995], "dtype": "int64"}, shape=[2, 50257]),
+    "smollm2-chat": Sample(
+        body={"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16},
+        shape=[],
+        path="/v1/chat/completions",
+    ),
 }
 
 

@@ -192,13 +192,18 @@ def test_example_serves_predictions_then_goes_away(kind_cluster: Cluster, exampl
             model = kind_cluster.json("get", "zerocopymodel", name, "-n", MODELS_NAMESPACE)
             assert model["status"]["endpoint"] == f"http://{name}-serve-svc.{MODELS_NAMESPACE}.svc:{SERVE_PORT}{route}"
 
-            answer = _call(kind_cluster, name, route, sample.body)
-            assert answer["shape"] == sample.shape, answer.get("shape")
-            flat = answer["outputs"]
-            for _ in sample.shape[1:]:
-                flat = [x for row in flat for x in row]
-            assert len(flat) == math.prod(sample.shape)
-            assert all(isinstance(x, float) and math.isfinite(x) for x in flat)
+            if sample.path:  # a text task: one of the OpenAI-compatible routes, answered with text
+                answer = _call(kind_cluster, name, f"{route.rstrip('/')}{sample.path}", sample.body)
+                assert answer["choices"][0]["message"]["content"].strip(), answer
+                assert answer["usage"]["completion_tokens"] > 0, answer
+            else:
+                answer = _call(kind_cluster, name, route, sample.body)
+                assert answer["shape"] == sample.shape, answer.get("shape")
+                flat = answer["outputs"]
+                for _ in sample.shape[1:]:
+                    flat = [x for row in flat for x in row]
+                assert len(flat) == math.prod(sample.shape)
+                assert all(isinstance(x, float) and math.isfinite(x) for x in flat)
 
             # The replicas attached the weights from Ray's object store (not a private copy each).
             info = _call(kind_cluster, name, f"{route.rstrip('/')}/-/info", None)

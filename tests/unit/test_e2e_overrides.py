@@ -168,6 +168,14 @@ def test_sample_request_fits_the_examples_model(where: str, resource: dict[str, 
     """The e2e's request is one the model answers with the expected shape (checked here without weights)."""
     sample = SAMPLES[resource["metadata"]["name"]]
     architecture = resource["spec"]["model"]["architecture"]
+    task = resource["spec"].get("serving", {}).get("task", "tensor")
+    if task != "tensor":  # a text task: the request must be what its OpenAI-compatible route takes
+        from zerocopy_runtime import openai_protocol
+
+        assert task == "text-generation"
+        assert sample.path == "/v1/chat/completions"
+        openai_protocol.parse(openai_protocol.ChatCompletionRequest, sample.body)
+        return
     if "transformers" in architecture:
         transformers = pytest.importorskip("transformers")
         config = getattr(transformers, architecture["transformers"]).config_class()
