@@ -26,6 +26,7 @@ from ._source import local_path, verify
 from ._store import format_bytes
 from .config import AppArgs
 from .memory import pss_bytes
+from .text import load_tokenizer, model_folder
 
 
 class ReplicaStartError(ZeroCopyError):
@@ -37,12 +38,15 @@ def preflight(args: AppArgs) -> Path:
 
     Only the header of each file is read (its tensors are mapped, not loaded),
     except that a given sha256 is verified over the whole file, as the publisher would;
-    the architecture's factory is imported (with the resource's folder importable) but not called.
+    the architecture's factory is imported (with the resource's folder importable) but not called;
+    text tasks' tokenizer is loaded from the model folder.
     """
     path = local_path(args.model)
     verify(path, args.model)
     load_mapped(path)
     architecture_factory(args.model.architecture, path)  # imports the factory or checks the class; builds nothing
+    if args.task != "tensor":
+        load_tokenizer(model_folder(path))  # text tasks need the model's own tokenizer
     return path
 
 

@@ -39,7 +39,9 @@ def load_tokenizer(folder: Path) -> Any:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
+    except Exception as exc:  # missing files, a bad config beside them, an unknown tokenizer class: all the same fix
+        if isinstance(exc, ImportError):
+            raise CheckpointError("Text tasks need transformers: pip install 'zerocopy-operator[hf]'") from None
         raise CheckpointError(
             f"Text tasks need the model's tokenizer beside its weights, and {folder} has none usable "
             f"({type(exc).__name__}: {exc}). Save it there with tokenizer.save_pretrained() (tokenizer.json and "

@@ -7,6 +7,7 @@ in tests/integration/test_cli_serve.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -55,6 +56,12 @@ def _corrupt(folder: Path) -> None:
     (folder / "mlp.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
 
 
+def _config_without_tokenizer(folder: Path) -> None:
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _truncated(folder: Path) -> None:
     data = (folder / "mlp.safetensors").read_bytes()
     (folder / "mlp.safetensors").write_bytes(data[: len(data) // 2])
@@ -79,6 +86,9 @@ CASES: list[tuple[str, Any, Callable[[Path], None] | None, list[str]]] = [
     ("checksum-mismatch", _resource(model__sha256="0" * 64), None, ["Checksum mismatch", "fix model.sha256"]),
     ("missing-factory", _resource(model__architecture={"factory": "tests.models:Nope"}), None,
      ["architecture.factory", "tests.models:Nope", "cannot be imported"]),
+    ("missing-tokenizer", _resource(model__architecture={"transformers": "LlamaForCausalLM"},
+                                    serving__task="text-generation"), _config_without_tokenizer,
+     ["Text tasks need the model's tokenizer", "tokenizer.save_pretrained()"]),
 ]  # fmt: skip
 
 

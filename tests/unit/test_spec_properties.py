@@ -287,7 +287,7 @@ def test_every_crd_valid_model_is_refused_with_a_reason_or_renders_a_servable_ra
     seen: Counter[str] = Counter()
 
     @settings(
-        max_examples=300,
+        max_examples=400,
         deadline=None,
         database=None,  # no .hypothesis/ in the working tree; a failure prints its example (and blob)
         print_blob=True,
