@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tests.conftest import ROOT
 from tests.models import MLP
@@ -135,20 +134,14 @@ def test_a_replica_that_fails_to_start_is_reported_with_its_own_error(tmp_path: 
     assert "'net.0.weight': checkpoint (16, 16) torch.float32, architecture (8, 8) torch.float32" in message
 
 
-def _tiny_mlp() -> torch.nn.Module:
-    """The example model with the checkpoint the README's command wrote, computed here for comparison."""
-    spec = importlib.util.spec_from_file_location("tiny_mlp", ROOT / "examples" / "tiny_mlp.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    model: torch.nn.Module = module.build()
-    model.load_state_dict(load_file(ROOT / "examples" / ".cache" / "tiny-mlp.safetensors"))
-    return model.eval()
-
-
 def test_readme_main_job_and_its_curl_work_as_written() -> None:
-    """README's first screen: the main-job command after its installs, then the curl, both verbatim."""
+    """README's first screen: the main-job command after its installs, then the curl, both verbatim.
+
+    A real chat model answers a real question: wrong weights, a wrong chat template or a broken
+    generation loop would not say Paris.
+    """
     main_job, curl = (block.strip() for block in bash_blocks(first_screen())[:2])
-    command = main_job[main_job.index("python examples/tiny_mlp.py") :]
+    command = main_job[main_job.index("python examples/smollm2.py") :]
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 8000)) == 0:
             pytest.skip("port 8000, where the README serves, is in use here")
@@ -159,12 +152,14 @@ def test_readme_main_job_and_its_curl_work_as_written() -> None:
         start_new_session=True,
     )  # fmt: skip
     try:
-        lines = _read_until_serving(process)
-        assert any("http://127.0.0.1:8000/tiny-mlp" in line for line in lines), "".join(lines)  # curl's URL
-        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        lines = _read_until_serving(process, timeout=600)
+        assert any("http://127.0.0.1:8000/smollm2-chat" in line for line in lines), "".join(lines)  # curl's URL
+        assert any("2 replicas share one" in line for line in lines), "".join(lines)
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
-        outputs = torch.tensor(json.loads(done.stdout)["outputs"])
-        assert torch.allclose(outputs, _tiny_mlp()(torch.full((1, 256), 0.1))[0], atol=1e-6)
+        reply = json.loads(done.stdout)
+        assert "Paris" in reply["choices"][0]["message"]["content"], reply
+        assert reply["usage"]["completion_tokens"] > 0
         os.killpg(process.pid, signal.SIGINT)
         out, _ = process.communicate(timeout=120)
         assert "shutting down" in out, out[-3000:]

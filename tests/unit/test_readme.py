@@ -43,7 +43,7 @@ def test_offline_readme_command_runs(command: str) -> None:
 #: README commands this machine cannot run as written, and the test that runs them (or their exact effect).
 ELSEWHERE = {
     "pip install torch==2.13.0": "tests/integration/test_cli_serve.py",  # first screen; CI runs the test command
-    "curl -s -w '\\n' http://127.0.0.1:8000/tiny-mlp": "tests/integration/test_cli_serve.py",
+    "curl -s -w '\\n' http://127.0.0.1:8000/smollm2-chat": "tests/integration/test_cli_serve.py",
     "kubectl -n argocd patch configmap argocd-cm": "tests/unit/test_gitops.py",  # kubectl patch --local, same file
     "script/e2e": "script/e2e",
     "ZEROCOPY_E2E_": "script/e2e",
