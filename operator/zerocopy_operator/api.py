@@ -109,7 +109,7 @@ class Serving(ReplicaSettings):
     @field_validator("cpus_per_replica", "gpus_per_replica")
     @classmethod
     def _ray_precision(cls, value: float) -> float:
-        if abs(value * 10_000 - round(value * 10_000)) > 1e-6:
+        if round(value, 4) != value:  # as Ray checks it: a multiple of 0.0001 as written
             raise ValueError(f"{value!r} has more precision than Ray's 0.0001 resource unit: round it, as in 0.25")
         return value
 
@@ -182,10 +182,26 @@ class Cluster(_Spec):
 class IncrementalUpgrade(_Spec):
     """Options of KubeRay's NewClusterWithIncrementalUpgrade (needs the Gateway API)."""
 
+    model_config = cel(
+        (
+            "!has(self.maxSurgePercent) || self.stepSizePercent <= self.maxSurgePercent",
+            "incremental.stepSizePercent must not exceed maxSurgePercent (KubeRay)",
+        )
+    )
+
     gateway_class_name: str = Field(min_length=1, description="The Gateway API class KubeRay shifts traffic with.")
     step_size_percent: int = Field(ge=1, le=100)
     interval_seconds: int = Field(ge=1, le=2**31 - 1, description="KubeRay holds it as a 32-bit integer.")
     max_surge_percent: int = Field(default=100, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _step_within_surge(self) -> IncrementalUpgrade:
+        if self.step_size_percent > self.max_surge_percent:
+            raise ValueError(
+                f"incremental.stepSizePercent ({self.step_size_percent}) must not exceed maxSurgePercent "
+                f"({self.max_surge_percent}) (KubeRay)"
+            )
+        return self
 
 
 class UpgradeStrategy(_Spec):
