@@ -289,8 +289,7 @@ def test_every_crd_valid_model_is_refused_with_a_reason_or_renders_a_servable_ra
     @settings(
         max_examples=400,
         deadline=None,
-        database=None,  # no .hypothesis/ in the working tree; a failure prints its example (and blob)
-        print_blob=True,
+        print_blob=True,  # and the example database (.hypothesis/, which ignores itself) replays a failure next run
         phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],  # no "explain": minutes per bug
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
@@ -310,3 +309,65 @@ def test_every_crd_valid_model_is_refused_with_a_reason_or_renders_a_servable_ra
     total = sum(seen.values())
     assert seen["rendered"] >= total // 10, f"too few generated models render ({seen}): the property is barely tested"
     assert seen["refused"] >= total // 20, f"too few generated models are refused ({seen})"
+
+
+# --- edge cases the property found ---------------------------------------------------------------------
+
+_ARCHITECTURE = {"factory": "models:build"}
+_INCREMENTAL = {"type": "NewClusterWithIncrementalUpgrade"}
+_INCREMENTAL_OPTIONS = {"gatewayClassName": "istio", "stepSizePercent": 10, "intervalSeconds": 30}
+#: Each one was CRD-valid and neither refused nor servable once; Hypothesis finds them only now and then, so
+#: they are checked every run. The spec is merged over a minimal model; the name defaults to "m".
+EDGE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "config-with-factory": ("m", {"model": {"uri": "/m", "architecture": {"factory": "a:b", "config": "c.json"}}}),
+    "kwargs-with-transformers": (
+        "m",
+        {"model": {"uri": "/m", "architecture": {"transformers": "A", "kwargs": {"k": 1}}}},
+    ),
+    "zero-replicas": ("m", {"serving": {"replicas": 0}}),
+    "scheme-inside-a-path": ("m", {"model": {"uri": "/a://b", "architecture": _ARCHITECTURE}}),
+    "name-of-48": ("m" * 48, {}),
+    "name-starting-with-a-digit": ("0m", {}),
+    "incremental-without-autoscaler": ("m", {"upgradeStrategy": {**_INCREMENTAL, "incremental": _INCREMENTAL_OPTIONS}}),
+    "incremental-empty-gateway-class": (
+        "m",
+        {
+            "cluster": {"enableInTreeAutoscaling": True},
+            "upgradeStrategy": {**_INCREMENTAL, "incremental": {**_INCREMENTAL_OPTIONS, "gatewayClassName": ""}},
+        },
+    ),
+    "incremental-step-over-surge": (
+        "m",
+        {
+            "cluster": {"enableInTreeAutoscaling": True},
+            "upgradeStrategy": {
+                **_INCREMENTAL,
+                "incremental": {**_INCREMENTAL_OPTIONS, "stepSizePercent": 50, "maxSurgePercent": 10},
+            },
+        },
+    ),
+    "incremental-interval-over-int32": (
+        "m",
+        {
+            "cluster": {"enableInTreeAutoscaling": True},
+            "upgradeStrategy": {**_INCREMENTAL, "incremental": {**_INCREMENTAL_OPTIONS, "intervalSeconds": 2**31}},
+        },
+    ),
+    "cpus-below-ray-precision": ("m", {"serving": {"cpusPerReplica": 5e-324}}),
+    "gpus-below-ray-precision": ("m", {"serving": {"gpusPerReplica": 1e-12}}),
+}
+
+
+@pytest.mark.parametrize(("name", "spec"), list(EDGE_CASES.values()), ids=list(EDGE_CASES))
+def test_edge_case_is_refused_by_the_crd_or_validate_or_renders(name: str, spec: dict[str, Any]) -> None:
+    """The property on one resource, which holds too when the CRD itself refuses it: the API server never lets it in."""
+    resource = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"model": {"uri": "/m", "architecture": _ARCHITECTURE}, **spec},
+    }
+    stored = apply_defaults(ZCM_SCHEMA, resource)
+    if ZCM_VALIDATOR.is_valid(stored) and not cel_violations(ZCM_SCHEMA, stored):
+        for variant in (resource, stored):
+            outcome(copy.deepcopy(variant))
