@@ -49,13 +49,37 @@ Quantity = Annotated[
     WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
 ]
 
+#: Ray refuses to start with a smaller object store.
+MIN_OBJECT_STORE = 75 * 2**20
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_PREFIX = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+_LABEL_KEY = re.compile(_PREFIX + r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def _store_size(value: int | str) -> int | str:
+    from .quantity import memory, to_bytes
+
+    if to_bytes(value) < MIN_OBJECT_STORE:
+        raise ValueError(f"objectStoreMemory {value!r} is below Ray's minimum of {memory(MIN_OBJECT_STORE)}")
+    return value
+
+
+#: An object store size: a quantity Ray accepts (at least MIN_OBJECT_STORE).
+StoreQuantity = Annotated[Quantity, AfterValidator(_store_size)]
+
 _Spec = ApiModel
 
 
 class SecretReference(_Spec):
     """A Secret in the model's namespace whose keys become environment variables of every Ray pod."""
 
-    name: str = Field(min_length=1, max_length=253, description="Secret name (for example AWS_ACCESS_KEY_ID keys).")
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN,
+        description="Secret name (for example AWS_ACCESS_KEY_ID keys).",
+    )
 
 
 class Model(ModelSource):
@@ -129,13 +153,19 @@ class Toleration(_Spec):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value (Kubernetes refuses the pod)")
+        return self
+
 
 class Head(_Spec):
     """The Ray head pod. It runs no replicas (num-cpus 0) so that they land on workers."""
 
     cpu: Quantity = Field(default="1", description="CPU request and limit.")
     memory: Quantity = Field(default="4Gi", description="Memory for the head's processes.")
-    object_store_memory: Quantity = Field(default="1Gi", description="The head's object store (and /dev/shm).")
+    object_store_memory: StoreQuantity = Field(default="1Gi", description="The head's object store (and /dev/shm).")
 
 
 class WorkerGroup(_Spec):
@@ -148,14 +178,26 @@ class WorkerGroup(_Spec):
     min_replicas: int = Field(default=1, ge=0, le=1000)
     max_replicas: int = Field(default=1, ge=0, le=1000)
     gpus: int = Field(default=0, ge=0, le=64, description="GPUs per pod.")
-    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Extended resource name of the GPUs.",
+    )
     cpu: Quantity = Field(default="4", description="CPU request and limit per pod.")
     memory: Quantity = Field(default="16Gi", description="Memory for the pod's processes, object store excluded.")
-    object_store_memory: Quantity = Field(
+    object_store_memory: StoreQuantity = Field(
         default="4Gi", description="Ray object store per pod: holds the shared weights; /dev/shm is sized to it."
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, description="Default with GPUs: the GPU taint.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, selector: dict[str, str]) -> dict[str, str]:
+        for key, value in selector.items():
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise ValueError(f"nodeSelector {key}: {value!r} is not a valid Kubernetes label key and value")
+        return selector
 
     @model_validator(mode="after")
     def _ordered(self) -> WorkerGroup:
@@ -171,7 +213,9 @@ class Cluster(_Spec):
     """The Ray cluster KubeRay runs for this model."""
 
     ray_version: str = Field(default=DEFAULT_RAY_VERSION, pattern=r"^\d+\.\d+\.\d+$")
-    image: str | None = Field(default=None, description="Runtime image; default: the operator's runtime image.")
+    image: str | None = Field(
+        default=None, pattern=r"^[!-~]+$", description="Runtime image; default: the operator's runtime image."
+    )
     head: Head = Field(default_factory=Head)
     worker_groups: list[WorkerGroup] = Field(
         default_factory=lambda: [WorkerGroup(name="gpu", gpus=1)], min_length=1, max_length=16
