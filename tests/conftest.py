@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,35 @@ def actors(ray_session: None) -> Iterator[list]:
     yield started
     for actor in started:
         ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_session: None) -> Iterator[int]:
+    """Serve's HTTP proxy on a free port of 127.0.0.1, for one test module."""
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def delete_model(app: str) -> None:
+    """Delete a Serve app and release every published revision of its model, so the store is empty again."""
+    from ray import serve
+
+    serve.delete(app)
+    release_model(app)
+
+
+def release_model(model: str) -> None:
+    """Release every published revision of `model` (named `<model>-<revision>` by the runtime)."""
+    import zerocopy_runtime as zc
+    from zerocopy_runtime._owner import published_names
+
+    for name in published_names():
+        if name.startswith(f"{model}-"):
+            with contextlib.suppress(zc.WeightsNotFoundError):
+                zc.release(name)

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ import ray
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import delete_model, release_model
 from tests.models import MLP
-from zerocopy_runtime._errors import WeightsNotFoundError, ZeroCopyError
+from zerocopy_runtime._errors import ZeroCopyError
 from zerocopy_runtime._owner import NAMESPACE, actor_name, published_names
 from zerocopy_runtime.config import AppArgs
 
@@ -86,20 +87,6 @@ def __getattr__(name: str) -> Any:
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def serve_port(ray_session: None) -> Iterator[int]:
-    import socket
-
-    from ray import serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-
-
 def app_args(checkpoint: Path, **overrides: Any) -> dict[str, Any]:
     """The Serve application's arguments for an MLP checkpoint."""
     architecture = {"factory": "tests.models:MLP", "kwargs": {"width": WIDTH, "depth": 2}}
@@ -130,17 +117,7 @@ def app(serve_port: int) -> Iterator[Callable[..., str]]:
         return f"http://127.0.0.1:{serve_port}/{APP}"
 
     yield deploy
-    serve.delete(APP)
-    release_all()
-
-
-def release_all() -> None:
-    import zerocopy_runtime as zc
-
-    for name in published_names():
-        if name.startswith(APP + "-"):
-            with suppress(WeightsNotFoundError):
-                zc.release(name)
+    delete_model(APP)
 
 
 # --- the load, Ray's actor table and the replicas' /-/info --------------------------------------
@@ -434,7 +411,7 @@ def test_health_check_leaves_no_replica_on_a_replaced_owners_copy(ray_session: N
         )
     finally:
         del replica
-        release_all()
+        release_model(APP)
 
 
 def test_replica_waiting_for_a_stalled_publish_gives_up_at_its_deadline(ray_session: None, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import zerocopy_runtime as zc
+from tests.conftest import delete_model
 from tests.models import MLP
 from zerocopy_runtime.config import AppArgs
 from zerocopy_runtime.serve import ZeroCopyDeployment, build_app
@@ -22,23 +21,10 @@ from zerocopy_runtime.serve import ZeroCopyDeployment, build_app
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def serve_port(ray_session: None) -> Iterator[int]:
-    from ray import serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-
-
 @pytest.fixture
 def app(serve_port: int, tmp_path: Path) -> Iterator[Any]:
     """Deploys an MLP checkpoint under /mlp; deletes the app and releases its weights afterwards."""
     from ray import serve
-    from ray.util import list_named_actors
 
     torch.manual_seed(0)
     model = MLP(16, 2).eval()
@@ -63,10 +49,7 @@ def app(serve_port: int, tmp_path: Path) -> Iterator[Any]:
     deploy.model = model  # type: ignore[attr-defined]
     deploy.checkpoint = checkpoint  # type: ignore[attr-defined]
     yield deploy
-    serve.delete("mlp")
-    for actor in list_named_actors(all_namespaces=True):
-        if actor["name"].startswith("zerocopy-weights:mlp-"):
-            zc.release(actor["name"].removeprefix("zerocopy-weights:"))
+    delete_model("mlp")
 
 
 def _post(url: str, body: Any) -> tuple[int, Any]:

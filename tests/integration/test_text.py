@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-import zerocopy_runtime as zc
+from tests.conftest import delete_model
 from tests.text_models import causal_lm_folder, encoder_folder
 from zerocopy_runtime.config import AppArgs
 from zerocopy_runtime.serve import ZeroCopyDeployment
@@ -22,18 +21,6 @@ from zerocopy_runtime.serve import ZeroCopyDeployment
 pytestmark = pytest.mark.integration
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def serve_port(ray_session: None) -> Iterator[int]:
-    from ray import serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
 
 
 def _deploy(name: str, folder: Path, task: str, architecture: str, port: int) -> str:
@@ -57,7 +44,7 @@ def chat(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     model, tokenizer = causal_lm_folder(folder)
     url = _deploy("chat", folder, "text-generation", "LlamaForCausalLM", serve_port)
     yield url, model, tokenizer
-    _cleanup("chat")
+    delete_model("chat")
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +53,7 @@ def encoder(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     model, tokenizer = encoder_folder(folder)
     url = _deploy("enc", folder, "embeddings", "BertModel", serve_port)
     yield url, model, tokenizer
-    _cleanup("enc")
-
-
-def _cleanup(name: str) -> None:
-    from ray import serve
-    from ray.util import list_named_actors
-
-    serve.delete(name)
-    for actor in list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"zerocopy-weights:{name}-"):
-            zc.release(actor["name"].removeprefix("zerocopy-weights:"))
+    delete_model("enc")
 
 
 def _greedy(model: Any, ids: list[int], max_new: int, eos: int) -> list[int]:
