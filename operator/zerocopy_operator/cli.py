@@ -223,7 +223,7 @@ def validate_files(paths: list[Path]) -> int:
         resource = _namespaced(document)
         name = f"{path}: {document.get('kind')}/{resource['metadata'].get('name')}"
         try:
-            validate(resource, [m for m in models if m["metadata"]["namespace"] == resource["metadata"]["namespace"]])
+            validate(resource, _same_namespace(models, resource))
         except InvalidSpec as exc:
             failed += 1
             print(f"{name}: invalid", *(f"  - {p}" for p in exc.problems), sep="\n")
@@ -240,8 +240,7 @@ def render_files(paths: list[Path], image: str) -> int:
     rendered = []
     for path, document in documents:
         resource = _namespaced(document)
-        same_namespace = [m for m in models if m["metadata"]["namespace"] == resource["metadata"]["namespace"]]
-        _valid(path, resource, same_namespace)
+        _valid(path, resource, _same_namespace(models, resource))
         rayservice = build_rayservice(resource, image)
         rayservice["metadata"]["namespace"] = resource["metadata"]["namespace"]
         rendered.append(rayservice)
@@ -257,6 +256,11 @@ _ReviewDumper.add_representer(
     str,
     lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
 )
+
+
+def _same_namespace(models: list[dict[str, Any]], resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models whose routes `resource` must not collide with."""
+    return [m for m in models if m["metadata"]["namespace"] == resource["metadata"]["namespace"]]
 
 
 def _namespaced(document: dict[str, Any]) -> dict[str, Any]:

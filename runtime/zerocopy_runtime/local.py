@@ -90,7 +90,7 @@ def serve_application(
     try:
         print(f"publishing {args.model.uri} ...", flush=True)
         started = time.perf_counter()
-        published = find_or_publish(args, progress=ProgressLine(sys.stdout))
+        published = find_or_publish(args, progress=ProgressLine(sys.stdout), verified=True)  # by preflight
         seconds = time.perf_counter() - started
         print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
         deploy(application | {"runtime_env": {"env_vars": env}}, host, port)

@@ -47,18 +47,18 @@ def weights_name(args: AppArgs, digest: str) -> str:
 
 
 def find_or_publish(
-    args: AppArgs, progress: Progress | None = None, timeout_s: float = PUBLISH_WAIT_S
+    args: AppArgs, progress: Progress | None = None, timeout_s: float = PUBLISH_WAIT_S, verified: bool = False
 ) -> PublishedModel:
     """The published weights of this revision, publishing them if no replica has yet.
 
     Replicas that start together (a new revision, a restart after the owner
     died) race for the owner's name: one publishes, the others wait for its
-    copy, so the weights are read and stored exactly once.
+    copy, so the weights are read and stored exactly once. `verified`: the caller has already
+    checked the file against model.sha256 (hashing gigabytes twice helps no one).
     """
     path = local_path(args.model)
     name = weights_name(args, revision(args.model, path))
     deadline = time.monotonic() + timeout_s
-    verified = False
     while True:
         try:
             return lookup(name)

@@ -22,12 +22,6 @@ from . import openai_protocol as api
 from ._errors import CheckpointError
 from .generation import BatchGenerator, SamplingParams
 
-#: Files of a model folder that text tasks read besides the weights (remote downloads fetch them too).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "chat_template.jinja", "generation_config.json", "modules.json", "1_Pooling/config.json",
-)  # fmt: skip
-
 
 def model_folder(weights: Path) -> Path:
     return weights if weights.is_dir() else weights.parent
