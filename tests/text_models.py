@@ -93,3 +93,21 @@ def encoder_folder(folder: Path) -> tuple[Any, Any]:
     ]
     (folder / "modules.json").write_text(json.dumps(modules))
     return model, fast
+
+
+def seq2seq_folder(folder: Path) -> tuple[Any, Any]:
+    """A 2+2-layer T5 (an encoder-decoder, as a text2text model is) with the BPE tokenizer and chat template."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = _bpe_tokenizer()
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        initializer_factor=20.0,  # at T5's own scale a random model answers <pad> to everything
+    )  # fmt: skip
+    model = T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer

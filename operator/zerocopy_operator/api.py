@@ -324,7 +324,7 @@ class ZeroCopyModelStatus(_Spec):
     conditions: list[Condition] = Field(default_factory=list, description="Ready first, then Cluster, Weights, Serve.")
     ray_service: str | None = Field(default=None, description="The RayService this model runs as.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the model's route.")
-    task: str | None = Field(default=None, description="What the replicas serve: tensor, text-generation, embeddings.")
+    task: str | None = Field(default=None, description="What the replicas serve: spec.serving.task.")
     openai_base_url: str | None = Field(default=None, description="base_url for OpenAI clients (text tasks).")
     weights: WeightsInfo | None = None
     replicas: str | None = Field(default=None, description="Ready replicas / desired, for `kubectl get`.")

@@ -121,10 +121,11 @@ class ReplicaSettings(ApiModel):
 
     model_config = cel(*REPLICA_RULES)
 
-    task: Literal["tensor", "text-generation", "embeddings"] = Field(
+    task: Literal["tensor", "text-generation", "text2text-generation", "embeddings"] = Field(
         default="tensor",
-        description="tensor: JSON tensors in and out; text-generation (a causal LM) and embeddings (an encoder): "
-        "text through the OpenAI-compatible routes under the route prefix, with the tokenizer from the model folder.",
+        description="tensor: JSON tensors in and out; text-generation (a causal LM), text2text-generation (an "
+        "encoder-decoder such as T5 or BART) and embeddings (an encoder): text through the OpenAI-compatible routes "
+        "under the route prefix, with the tokenizer from the model folder.",
     )
     handler: str = Field(
         default="tensor", description="'tensor' (JSON tensors in and out) or `package.module:function`."

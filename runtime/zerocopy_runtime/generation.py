@@ -1,17 +1,21 @@
-"""Batched text generation on a causal LM: concurrent requests share every forward pass.
+"""Batched text generation on a causal LM or an encoder-decoder: concurrent requests share every forward pass.
 
-Requests that arrive within the batch window form one batch: prompts are
-left-padded with an attention mask and matching position ids, the KV cache
-holds the past, and each decode step runs one forward pass for every row
-still generating. Only the next-token ids (one integer per row) cross to the
-host each step, never whole logits. A row that finishes (end of sequence, a
-stop string, `max_tokens`, or a client that went away) leaves the batch and
-its cache rows are dropped, so the others go on without it.
+Requests that arrive within the batch window form one batch. A causal LM
+reads left-padded prompts with an attention mask and matching position ids;
+an encoder-decoder encodes the (padded) prompts once and starts every
+decoder row from the decoder start token together, so its decoder needs no
+padding at all. The KV cache holds the past, and each decode step runs one
+forward pass for every row still generating. Only the next-token ids (one
+integer per row) cross to the host each step, never whole logits. A row that
+finishes (end of sequence, a stop string, `max_tokens`, or a client that
+went away) leaves the batch and its cache rows are dropped, so the others go
+on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,19 +129,11 @@ class BatchGenerator:
         for i, row in enumerate(rows):
             ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
             mask[i, width - len(row.prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        steps = self._steps(ids.to(device), mask.to(device))
         cache: Any = None
         live = list(range(len(rows)))
-        step_input, step_positions = ids, positions
         while live:
-            output = self.model(
-                input_ids=step_input,
-                attention_mask=mask,
-                position_ids=step_positions,
-                cache=cache,
-                use_cache=True,
-            )
+            output = self.model(**steps.inputs, cache=cache, use_cache=True)
             self.forward_passes += 1
             cache = output.cache
             chosen = self._choose(output.logits[:, -1, :], [rows[i] for i in live])
@@ -154,11 +150,16 @@ class BatchGenerator:
             if len(keep) < len(live):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
-                mask, chosen, step_positions = mask[index], chosen[index], step_positions[index]
+                steps.select(index)
+                chosen = chosen[index]
                 live = [live[slot] for slot in keep]
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
-            step_input = chosen.unsqueeze(-1)
-            step_positions = step_positions[:, -1:] + 1
+            steps.advance(chosen)
+
+    def _steps(self, ids: torch.Tensor, mask: torch.Tensor) -> _CausalSteps | _Seq2SeqSteps:
+        config = getattr(self.model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return _Seq2SeqSteps(self.model, ids, mask, decoder_start_token(self.model))
+        return _CausalSteps(ids, mask, "logits_to_keep" in inspect.signature(self.model.forward).parameters)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """The next token of each row: argmax for greedy rows, top-p sampling for the others."""
@@ -190,3 +191,53 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         ordered[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, ordered)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class _CausalSteps:
+    """A decoder-only model's inputs: positions count real tokens only, and every step adds a mask column."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, last_logits_only: bool) -> None:
+        self.mask = mask
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": self.positions}
+        if last_logits_only:  # the prompt's other logits would be computed only to be thrown away
+            self.inputs["logits_to_keep"] = 1
+
+    def select(self, index: torch.Tensor) -> None:
+        self.mask, self.positions = self.mask[index], self.positions[index]
+
+    def advance(self, chosen: torch.Tensor) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(chosen), 1))], dim=-1)
+        self.positions = self.positions[:, -1:] + 1
+        self.inputs = {"input_ids": chosen.unsqueeze(-1), "attention_mask": self.mask, "position_ids": self.positions}
+
+
+class _Seq2SeqSteps:
+    """An encoder-decoder's inputs: the encoder's states once, then one decoder token per row and step."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: int) -> None:
+        self.mask = mask
+        encoder: Any = model.get_encoder()  # type: ignore[operator]
+        self.encoded = encoder(input_ids=ids, attention_mask=mask)
+        self.inputs: dict[str, Any] = {}
+        self.advance(ids.new_full((len(ids),), start))
+
+    def select(self, index: torch.Tensor) -> None:
+        self.mask = self.mask[index]
+        self.encoded = type(self.encoded)(last_hidden_state=self.encoded.last_hidden_state[index])
+
+    def advance(self, chosen: torch.Tensor) -> None:
+        self.inputs = {
+            "encoder_outputs": self.encoded,
+            "attention_mask": self.mask,
+            "decoder_input_ids": chosen.unsqueeze(-1),
+        }
+
+
+def decoder_start_token(model: nn.Module) -> int:
+    """The token every decoder row starts from (T5: the pad token; BART: the end-of-sequence token)."""
+    for settings in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        start = getattr(settings, "decoder_start_token_id", None)
+        if start is not None:
+            return int(start)
+    raise ValueError("the encoder-decoder model has no decoder_start_token_id in its config; set one")

@@ -20,7 +20,9 @@ from torch import nn
 
 from . import openai_protocol as api
 from ._errors import CheckpointError
-from .generation import BatchGenerator, SamplingParams
+from .generation import BatchGenerator, SamplingParams, decoder_start_token
+
+GENERATION_TASKS = ("text-generation", "text2text-generation")
 
 
 def model_folder(weights: Path) -> Path:
@@ -45,7 +47,8 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 class TextEngine:
-    """One replica's text routes for a causal LM (`text-generation`) or an encoder (`embeddings`)."""
+    """One replica's text routes: a causal LM (`text-generation`), an encoder-decoder (`text2text-generation`)
+    or an encoder (`embeddings`)."""
 
     def __init__(self, task: str, model: nn.Module, folder: Path, name: str, batch: tuple[int, float]) -> None:
         self.task, self.model, self.name = task, model, name
@@ -53,7 +56,9 @@ class TextEngine:
         self.tokenizer = load_tokenizer(folder)
         config = getattr(model, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
-        if task == "text-generation":
+        self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        if task in GENERATION_TASKS:
+            _check_kind(task, model, self.seq2seq)
             eos = _eos_ids(folder, self.tokenizer)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
             self.generator: BatchGenerator | None = BatchGenerator(
@@ -76,7 +81,7 @@ class TextEngine:
 
     async def chat(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
         request = api.parse(api.ChatCompletionRequest, body)
-        self._needs("text-generation", "/v1/chat/completions")
+        self._needs(GENERATION_TASKS, "/v1/chat/completions")
         if not getattr(self.tokenizer, "chat_template", None):
             raise api.ApiError(400, f"{self.name} has no chat template (chat_template.jinja or tokenizer_config.json)")
         messages = [m.model_dump() for m in request.messages]
@@ -94,7 +99,7 @@ class TextEngine:
 
     async def completions(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
         request = api.parse(api.CompletionRequest, body)
-        self._needs("text-generation", "/v1/completions")
+        self._needs(GENERATION_TASKS, "/v1/completions")
         prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in request.prompts()]
         ident = api.completion_id("cmpl")
         params_each = [self._params(request, len(p), request.max_tokens or 16) for p in prompts]
@@ -112,7 +117,7 @@ class TextEngine:
 
     def embeddings(self, body: Any) -> dict[str, Any]:
         request = api.parse(api.EmbeddingRequest, body)
-        self._needs("embeddings", "/v1/embeddings")
+        self._needs(("embeddings",), "/v1/embeddings")
         encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
         if request.dimensions is not None:
             raise api.ApiError(400, "dimensions is not supported: the model's embedding size is fixed", "dimensions")
@@ -131,25 +136,34 @@ class TextEngine:
 
     # --- generation ---------------------------------------------------------------------------------------------
 
-    def _needs(self, task: str, route: str) -> None:
-        if self.task != task:
+    def _needs(self, tasks: tuple[str, ...], route: str) -> None:
+        if self.task not in tasks:
             raise api.ApiError(
                 404, f"{route} is not served by {self.name}, whose task is {self.task}", code="not_found"
             )
 
     def _room(self, prompt_tokens: int) -> int:
+        if self.seq2seq:  # the answer has the decoder's positions to itself
+            return self.context or 256
         return max(1, (self.context or prompt_tokens + 256) - prompt_tokens)
 
     def _params(self, request: Any, prompt_tokens: int, max_tokens: int) -> SamplingParams:
-        if self.context is not None and prompt_tokens + max_tokens > self.context:
+        if self.context is not None and self._too_long(prompt_tokens, max_tokens):
+            where = "the encoder and the decoder each take" if self.seq2seq else "prompt and answer together take"
             raise api.ApiError(
                 400,
-                f"This model's maximum context length is {self.context} tokens; the prompt has {prompt_tokens} and "
-                f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+                f"This model's maximum context length is {self.context} tokens ({where} at most that); the prompt "
+                f"has {prompt_tokens} and max_tokens asks for {max_tokens}. Shorten the prompt or lower max_tokens.",
                 param="messages" if hasattr(request, "messages") else "prompt",
                 code="context_length_exceeded",
             )
         return SamplingParams(max_tokens, request.temperature, request.top_p, request.stops(), request.seed)
+
+    def _too_long(self, prompt_tokens: int, max_tokens: int) -> bool:
+        assert self.context is not None
+        if self.seq2seq:
+            return prompt_tokens > self.context or max_tokens > self.context
+        return prompt_tokens + max_tokens > self.context
 
     async def _complete(self, prompt: list[int], params: SamplingParams, index: int) -> tuple[str, str, int]:
         assert self.generator is not None
@@ -205,6 +219,20 @@ class TextEngine:
             "largest_batch": generator.largest_batch if generator else 0,
             "forward_passes": generator.forward_passes if generator else 0,
         }
+
+
+def _check_kind(task: str, model: nn.Module, seq2seq: bool) -> None:
+    """The task must fit the model's kind: a start-up error, not nonsense at the first request."""
+    kind = type(model).__name__
+    if task == "text-generation" and seq2seq:
+        raise CheckpointError(f"{kind} is an encoder-decoder model: serve it with task: text2text-generation")
+    if task == "text2text-generation":
+        if not seq2seq:
+            raise CheckpointError(f"{kind} is not an encoder-decoder model: serve it with task: text-generation")
+        try:
+            decoder_start_token(model)
+        except ValueError as exc:
+            raise CheckpointError(f"{kind}: {exc}") from None
 
 
 def _event(body: dict[str, Any]) -> str:

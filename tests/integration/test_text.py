@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import delete_model
-from tests.text_models import causal_lm_folder, encoder_folder
+from tests.text_models import causal_lm_folder, encoder_folder, seq2seq_folder
 from zerocopy_runtime.config import AppArgs
 from zerocopy_runtime.serve import ZeroCopyDeployment
 
@@ -54,6 +54,15 @@ def encoder(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     url = _deploy("enc", folder, "embeddings", "BertModel", serve_port)
     yield url, model, tokenizer
     delete_model("enc")
+
+
+@pytest.fixture(scope="module")
+def text2text(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Any]]:
+    folder = tmp_path_factory.mktemp("t5")
+    model, tokenizer = seq2seq_folder(folder)
+    url = _deploy("t5", folder, "text2text-generation", "T5ForConditionalGeneration", serve_port)
+    yield url, model, tokenizer
+    delete_model("t5")
 
 
 def _greedy(model: Any, ids: list[int], max_new: int, eos: int) -> list[int]:
@@ -184,3 +193,20 @@ def test_embeddings_are_the_models_pooled_and_normalized_states(encoder: tuple[s
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert reply.usage.prompt_tokens == int(batch["attention_mask"].sum())
+
+
+def test_an_encoder_decoder_answers_chats_batched_as_its_own_generate_does(text2text: tuple[str, Any, Any]) -> None:
+    url, model, tokenizer = text2text
+    chats = [MESSAGES, [{"role": "user", "content": "the weights are published once per node"}], MESSAGES[1:]]
+    client = _client(url)
+    with ThreadPoolExecutor(len(chats)) as pool:
+        ask = lambda m: client.chat.completions.create(model="t5", messages=m, max_tokens=10, temperature=0)  # noqa: E731
+        replies = list(pool.map(ask, chats))
+    for messages, reply in zip(chats, replies, strict=True):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
+        expected = [t for t in out[0, 1:].tolist() if t != tokenizer.eos_token_id]  # after the decoder start token
+        assert reply.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+        assert reply.usage.completion_tokens == len(expected)
+    assert _info(url)["largest_batch"] > 1
