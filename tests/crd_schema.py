@@ -1,31 +1,48 @@
-"""A CRD's schema as the API server applies it: values to generate, defaulting, CEL rules, pruning.
+"""Values of a CRD's schema for property tests: what hypothesis-jsonschema draws, and what the API server keeps.
 
 A CRD's `openAPIV3Schema` is an OpenAPI v3 *structural* schema, not JSON
 Schema: `x-kubernetes-int-or-string`, `x-kubernetes-preserve-unknown-fields`,
 OpenAPI 3.0's boolean `exclusiveMinimum`, Go (RE2) regular expressions, and
 unknown fields that the API server prunes instead of refusing. The helpers
-here turn it into JSON Schema that hypothesis-jsonschema generates from, and
-apply the parts JSON Schema cannot say the way the API server does: defaults
-first, then the CEL rules of `x-kubernetes-validations` (run with
-cel-python), each with `self` bound to the value at its node.
+here turn it into JSON Schema that hypothesis-jsonschema generates from.
+What the API server itself does to a value (defaulting, pruning, CEL rules
+run with cel-python) lives in the API emulator (tests/kube/_structural.py,
+tests/kube/_cel.py), re-exported here, so that the property tests and the
+emulator apply one copy of those rules.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import celpy
 import yaml
 from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
+
+from tests.kube import _cel
+from tests.kube._cel import compile_rules
+from tests.kube._openapi import go_regex
+from tests.kube._structural import apply_defaults, child, pruned_fields
+
+__all__ = [
+    "INT_OR_STRING",
+    "apply_defaults",
+    "boundary_values",
+    "cel_violations",
+    "compile_rules",
+    "go_regex",
+    "integer_format_violations",
+    "openapi_schema",
+    "pruned_fields",
+    "satisfying",
+    "strategy_for",
+    "to_json_schema",
+]
 
 #: The custom format hypothesis-jsonschema draws the string side of an int-or-string from.
 INT_OR_STRING = "x-int-or-string"
@@ -54,15 +71,6 @@ def openapi_schema(crd_path: Path, version: str) -> dict[str, Any]:
     crd = yaml.safe_load(crd_path.read_text())
     served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
     return dict(served["schema"]["openAPIV3Schema"])
-
-
-def go_regex(pattern: str) -> str:
-    """A Go (RE2) pattern as a Python one with the same meaning: `\\w`, `\\d`, `\\s` and `\\b` are ASCII in RE2.
-
-    (`$` at the end also matches before a final newline in Python, but
-    hypothesis-jsonschema never generates that newline, so it needs no change.)
-    """
-    return pattern if pattern.startswith("(?a)") else "(?a)" + pattern
 
 
 def to_json_schema(
@@ -203,7 +211,7 @@ def strategy_for(
             if special:
                 values = st.one_of(values, st.sampled_from(special))
         if node.get("x-kubernetes-validations"):
-            values = satisfying(values, lambda value: not _node_violations(node, apply_defaults(node, value), ""))
+            values = satisfying(values, lambda value: not _cel.node_errors(node, apply_defaults(node, value)))
         return values
 
     return build(schema)
@@ -287,7 +295,7 @@ def integer_format_violations(schema: dict[str, Any], value: Any, path: str = ""
             broken.append(f"{path}: {value} does not fit {schema['format']}")
     elif isinstance(value, dict):
         for name, item in value.items():
-            sub = _child(schema, name)
+            sub = child(schema, name)
             if sub is not None:
                 broken += integer_format_violations(sub, item, f"{path}.{name}")
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
@@ -302,120 +310,11 @@ def _refuse_unknown(node: dict[str, Any], known: set[str]) -> None:
         raise NotImplementedError(f"strategy_for does not handle {sorted(unknown)} (in {node})")
 
 
-def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """`value` with the schema's defaults filled in, as the API server stores it (structural defaulting).
-
-    A default fills a missing field of an object that is there; it never
-    creates the object around it. The defaulted value is then defaulted too.
-    """
-    value = copy.deepcopy(value)
-    _default_in_place(schema, value)
-    return value
-
-
-def _default_in_place(schema: dict[str, Any], value: Any) -> None:
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        for name, sub in properties.items():
-            if name not in value and "default" in sub:
-                value[name] = copy.deepcopy(sub["default"])
-        for name, item in value.items():
-            sub = _child(schema, name)
-            if sub is not None:
-                _default_in_place(sub, item)
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for item in value:
-            _default_in_place(schema["items"], item)
-
-
-def _child(schema: dict[str, Any], name: str) -> dict[str, Any] | None:
-    """The schema of field `name` of an object of `schema`, if it has one."""
-    extra = schema.get("additionalProperties")
-    sub = schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else None)
-    return sub if isinstance(sub, dict) else None
-
-
-@functools.cache
-def _program(rule: str) -> celpy.Runner:
-    env = celpy.Environment()
-    return env.program(env.compile(rule))
-
-
-def compile_rules(schema: dict[str, Any]) -> int:
-    """Compiles every CEL rule in `schema` now (cel-python raises the recursion limit when it first parses)."""
-    count = 0
-    for validation in schema.get("x-kubernetes-validations", []):
-        _program(validation["rule"])
-        count += 1
-    for sub in [*schema.get("properties", {}).values(), schema.get("items"), schema.get("additionalProperties")]:
-        if isinstance(sub, dict):
-            count += compile_rules(sub)
-    return count
-
-
-#: Verdicts of (rule, value as JSON) already evaluated, None when the rule holds: the strategies' own filters
-#: and the final check see the same values, and cel-python takes a millisecond per evaluation.
-_VERDICTS: dict[tuple[str, str], str | None] = {}
-
-
-def _node_violations(schema: dict[str, Any], value: Any, path: str) -> list[str]:
-    rules = [v for v in schema.get("x-kubernetes-validations", []) if not re.search(r"\boldSelf\b", v["rule"])]
-    if not rules:
-        return []
-    key = json.dumps(value, sort_keys=True)
-    activation: dict[str, Any] | None = None
-    broken = []
-    for validation in rules:
-        rule = validation["rule"]
-        if (rule, key) not in _VERDICTS:
-            activation = activation or {"self": celpy.json_to_cel(value)}
-            result: object
-            try:
-                result = _program(rule).evaluate(activation)
-            except celpy.CELEvalError as error:
-                result = error
-            if len(_VERDICTS) > 100_000:
-                _VERDICTS.clear()
-            holds = isinstance(result, celpy.celtypes.BoolType) and bool(result)
-            _VERDICTS[rule, key] = None if holds else repr(result)
-        verdict = _VERDICTS[rule, key]
-        if verdict is not None:
-            broken.append(f"{path or '<root>'}: {validation.get('message', rule)} ({rule}: {verdict})")
-    return broken
-
-
 def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     """The CEL rules (`x-kubernetes-validations`, at any depth) that `value` breaks, as "path: message".
 
-    Each rule runs with `self` bound to the value at its node, as the API
-    server runs it; a rule that errors (a missing field, a type mismatch)
-    counts as broken, as it does there. Transition rules (those reading
-    `oldSelf`) only run on updates and are skipped: these are creations.
-    Pass the defaulted value: the API server checks rules after defaulting.
+    Run as the API server runs them (tests/kube/_cel.py). Transition rules
+    (those reading `oldSelf`) only run on updates and are skipped: these are
+    creations. Pass the defaulted value: the API server checks rules after defaulting.
     """
-    broken = _node_violations(schema, value, path)
-    if isinstance(value, dict):
-        for name, item in value.items():
-            sub = _child(schema, name)
-            if sub is not None:
-                broken += cel_violations(sub, item, f"{path}.{name}")
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            broken += cel_violations(schema["items"], item, f"{path}[{index}]")
-    return broken
-
-
-def pruned_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
-    """Fields of `value` that the structural `schema` does not know: the API server drops them (strict: refuses)."""
-    unknown = []
-    if isinstance(value, dict):
-        for name, item in value.items():
-            sub = _child(schema, name)
-            if sub is not None:
-                unknown += pruned_fields(sub, item, f"{path}.{name}")
-            elif not (schema.get("additionalProperties") is True or schema.get("x-kubernetes-preserve-unknown-fields")):
-                unknown.append(f"{path}.{name}")
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            unknown += pruned_fields(schema["items"], item, f"{path}[{index}]")
-    return unknown
+    return [str(error) for error in _cel.violations(schema, value, path)]

@@ -8,6 +8,7 @@ KubeRay's part by patching RayService status).
 
 from __future__ import annotations
 
+import datetime
 import json
 import socket
 import subprocess
@@ -26,12 +27,13 @@ import pytest
 import yaml
 
 from tests.chart import by_kind, grants, render
+from tests.kube import kuberay
+from tests.kube.clusters import target_cluster
 from tests.kube.emulator import Cluster, running_emulator, write_kubeconfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
 ROOT = Path(__file__).resolve().parents[2]
-KUBERAY_CRD = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
 #: The operator's bearer token in the emulator: its requests are told apart from kubectl's by it.
 OPERATOR_TOKEN = "zerocopy-operator"
 INFO = {"weights": "m-0123", "revision": "0123", "bytes_shared": 3 * 2**20, "tensor_count": 8, "shared": True}
@@ -45,22 +47,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    kubeconfig = request.config.getoption("--kubeconfig")
-    if kubeconfig:
-        cache = tmp_path_factory.mktemp("kube-cache")
-        yield Cluster(kubeconfig=Path(kubeconfig), url="", cache_dir=cache)
-        return
-    if not KUBERAY_CRD.is_file():
-        pytest.skip(f"KubeRay's CRDs are not at {KUBERAY_CRD} (they come with ../shared/kuberay-crds)")
-    with running_emulator(tmp_path_factory.mktemp("emulator")) as emulated:
-        yield emulated
+    if (reason := kuberay.missing()) is not None and not request.config.getoption("--kubeconfig"):
+        pytest.skip(reason)
+    with target_cluster(request.config, tmp_path_factory) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("apply", "-f", str(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"), check=True)
     if cluster.kubectl("get", "crd", "rayservices.ray.io").returncode != 0:
-        cluster.kubectl("apply", "--server-side", "-f", str(KUBERAY_CRD), check=True)
+        cluster.kubectl("apply", "--server-side", "-f", str(kuberay.crd("rayservices")), check=True)
     name = f"zerocopy-it-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name, check=True)
     yield name
@@ -185,9 +182,12 @@ def _event(cluster: Cluster, namespace: str, name: str, reason: str) -> dict[str
 
 
 def _play_kuberay(cluster: Cluster, namespace: str, name: str) -> None:
-    """What KubeRay writes once the cluster is up and the Serve app runs."""
+    """What KubeRay writes once the cluster is up and the Serve app runs (its CRD requires every field of a
+    condition, `lastTransitionTime` included: a real API server refuses the status without it)."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ready = {"type": "Ready", "status": "True", "reason": "RayServiceReady", "message": "ready"}
     status = {
-        "conditions": [{"type": "Ready", "status": "True", "reason": "RayServiceReady", "message": "ready"}],
+        "conditions": [{**ready, "lastTransitionTime": now}],
         "activeServiceStatus": {
             "applicationStatuses": {
                 name: {"status": "RUNNING", "serveDeploymentStatuses": {"ZeroCopyDeployment": {"status": "HEALTHY"}}}

@@ -1,8 +1,9 @@
 """The PATCH flavours the API server accepts, applied to plain JSON-like objects.
 
-Simplifications, on purpose: strategic-merge patches are applied as JSON merge patches (their `$`-directives
-dropped), so lists are replaced rather than merged by key; server-side apply is a deep merge with no field
-ownership. Both are exact for what kubectl sends for custom resources and for flat built-ins like ConfigMaps.
+Simplifications, on purpose: strategic-merge patches (built-in kinds only: custom resources answer 415) are
+applied as JSON merge patches (their `$`-directives dropped), so lists are replaced rather than merged by key;
+server-side apply is a deep merge with no field ownership. Both are exact for what kubectl sends for flat
+built-ins like ConfigMaps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
-PATCH_TYPES = frozenset({MERGE_PATCH, STRATEGIC_MERGE_PATCH, JSON_PATCH, APPLY_PATCH})
+
+
+def accepted_patch_types(*, custom: bool) -> list[str]:
+    """The patch types the API server takes, in its order: custom resources have no strategic merge (415)."""
+    return (
+        [JSON_PATCH, MERGE_PATCH, APPLY_PATCH]
+        if custom
+        else [STRATEGIC_MERGE_PATCH, JSON_PATCH, MERGE_PATCH, APPLY_PATCH]
+    )
 
 
 def merge(target: Any, patch: Any) -> Any:

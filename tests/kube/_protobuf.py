@@ -120,7 +120,7 @@ def decode(body: bytes) -> dict[str, Any]:
         type_meta = dict(_fields(envelope.get(1, b"")))
         api_version, kind = _text(type_meta.get(1, b"")), _text(type_meta.get(2, b""))
         if kind not in _KINDS:
-            raise _errors.unsupported_media_type(f"{CONTENT_TYPE} for {kind or 'this kind'} (send JSON)")
+            raise _errors.unsupported_media_type(f"{CONTENT_TYPE} for {kind or 'this kind'}", ["application/json"])
         obj = _maps_as_dicts(_message(_KINDS[kind])(envelope.get(2, b"")))
     except (IndexError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise _errors.bad_request(f"the protobuf body is not valid: {exc}") from exc

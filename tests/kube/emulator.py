@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -34,7 +35,8 @@ import kmock
 import yaml
 from kmock._internal.rendering import StreamingError  # kmock's wrapper for failures after a stream began
 
-from tests.kube import _discovery, _errors, _http, _patches, _selectors
+from tests.kube import _discovery, _errors, _http, _patches, _selectors, _tables
+from tests.kube._admission import WriteOptions
 from tests.kube._store import ObjectKey, Store, api_version
 
 KUBECTL = "/usr/bin/kubectl"
@@ -213,22 +215,45 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         if not meta.get("name"):
             raise _errors.invalid("metadata.name: Required value: name or generateName is required")
         namespace = (meta.get("namespace") or "default") if info.namespaced else None
-        return kmock.Response(status=201, payload=self._store.create(resource, info, namespace, body))
+        options = WriteOptions.from_params(request.params)
+        created = self._store.create(resource, info, namespace, body, options)
+        self._store.collect_if_orphaned((resource, namespace, created["metadata"]["name"]))
+        return _written(201, created, options)
 
     async def _serve_fetch(self, request: kmock.Request) -> kmock.Payload:
         key, _ = self._addressed(request)
-        return self._store.existing(key)
+        obj = self._store.existing(key)
+        columns = self._printer_columns(request)
+        if columns is not None:
+            return _tables.table(
+                columns, [obj], obj["metadata"]["resourceVersion"], request.params.get("includeObject", "")
+            )
+        return obj
 
     async def _serve_list(self, request: kmock.Request) -> kmock.Payload:
         """A `<Kind>List` with the `resourceVersion` to watch from (kubectl needs the kind, kopf the version)."""
         resource, info = self._served(request)
         matches = self._selection(request)
+        items = [obj for _, obj in self._store.live_objects(resource) if matches(obj)]
+        version = str(self._store.last_resource_version)
+        columns = self._printer_columns(request)
+        if columns is not None:
+            return _tables.table(columns, items, version, request.params.get("includeObject", ""))
         return {
             "apiVersion": api_version(resource),
             "kind": f"{info.kind}List",
-            "metadata": {"resourceVersion": str(self._store.last_resource_version)},
-            "items": [obj for _, obj in self._store.live_objects(resource) if matches(obj)],
+            "metadata": {"resourceVersion": version},
+            "items": items,
         }
+
+    def _printer_columns(self, request: kmock.Request) -> dict[str, Any] | None:
+        """The CRD version whose printer columns a Table answer uses; None to answer with objects.
+
+        Built-in kinds are always answered with objects: kubectl prints those with its own columns.
+        """
+        if request.resource is None or not _tables.wants_table(request.headers.get("Accept", "")):
+            return None
+        return self._store.crd_version(request.resource)
 
     async def _serve_watch(self, request: kmock.Request) -> kmock.Payload:  # type: ignore[override]
         """JSON events, one a line, newer than `resourceVersion`; with none or "0", the current objects first.
@@ -247,6 +272,9 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
             initial = [obj for _, obj in self._store.live_objects(resource) if matches(obj)]
             since = str(self._store.last_resource_version)
         events = self._watch_events(resource, matches, initial, int(since), float(timeout) if timeout else None)
+        columns = self._printer_columns(request)
+        if columns is not None:
+            events = _as_tables(events, columns, request.params.get("includeObject", ""))
         return kmock.Response(headers={"Content-Type": "application/json"}, payload=events)
 
     async def _watch_events(
@@ -268,21 +296,23 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         """PATCH in any of the API server's patch types; server-side apply creates a missing object."""
         key, info = self._addressed(request)
         patch_type = _http.content_type(request.headers)
-        if patch_type not in _patches.PATCH_TYPES:
-            raise _errors.unsupported_media_type(patch_type)
+        accepted = _patches.accepted_patch_types(custom=self._store.crd_version(key[0]) is not None)
+        if patch_type not in accepted:
+            raise _errors.unsupported_media_type(patch_type, accepted)
         patch = _http.decode_body(request.body, request.headers)
+        options = WriteOptions.from_params(request.params)
         current = self._store.live(key)
         if current is None and patch_type == _patches.APPLY_PATCH and request.subresource is None:
-            return kmock.Response(status=201, payload=self._create_applied(key, info, patch))
+            return _written(201, self._create_applied(key, info, patch, options), options)
         if current is None:
             raise _errors.not_found(key[0], key[2])
         proposed = _patches.apply_patch(current, patch_type, patch)
-        updated = self._store.update(key, info, current, proposed, request.subresource)
-        # kmock 0.8 keeps the status of a returned Response on the reaction for the requests that follow:
-        # after a 201 from an apply that created, updates must say 200 explicitly.
-        return kmock.Response(status=200, payload=updated)
+        updated = self._store.update(key, info, current, proposed, request.subresource, options)
+        return _written(200, updated, options)
 
-    def _create_applied(self, key: ObjectKey, info: kmock.ResourceInfo, patch: Any) -> dict[str, Any]:
+    def _create_applied(
+        self, key: ObjectKey, info: kmock.ResourceInfo, patch: Any, options: WriteOptions
+    ) -> dict[str, Any]:
         """Server-side apply of a missing object creates it, named and scoped by the URL."""
         if not isinstance(patch, dict):
             raise _errors.bad_request("an apply patch must be an object")
@@ -290,7 +320,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         meta = patch.setdefault("metadata", {})
         if meta.setdefault("name", name) != name or meta.setdefault("namespace", namespace) != namespace:
             raise _errors.bad_request("the name or namespace of the object does not match the request's")
-        return self._store.create(resource, info, namespace, patch)
+        return self._store.create(resource, info, namespace, patch, options)
 
     async def _serve_replace(self, request: kmock.Request) -> kmock.Payload:
         """PUT: a whole new object, conditional on its `resourceVersion` if it carries one (409 if stale)."""
@@ -298,17 +328,48 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         body = self._object_body(request)
         if body["metadata"].get("name", key[2]) != key[2]:
             raise _errors.bad_request("the name of the object does not match the name on the URL")
-        return self._store.update(key, info, self._store.existing(key), body, request.subresource)
+        options = WriteOptions.from_params(request.params)
+        updated = self._store.update(key, info, self._store.existing(key), body, request.subresource, options)
+        return _written(200, updated, options)
 
     async def _serve_delete(self, request: kmock.Request) -> kmock.Payload:
         """The object while finalizers hold it (with `deletionTimestamp`), else a Success status."""
         key, _ = self._addressed(request)
-        remaining = self._store.delete(key, self._store.existing(key))
+        options = request.data if isinstance(request.data, dict) else {}
+        propagation = request.params.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
+        if options.get("orphanDependents") is True or request.params.get("orphanDependents") == "true":
+            propagation = "Orphan"
+        remaining = self._store.delete(key, self._store.existing(key), propagation)
         if remaining is not None:
             return remaining
         resource, _, name = key
         details = {"name": name, "group": resource.group, "kind": resource.plural}
         return {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "details": details}
+
+
+async def _as_tables(
+    events: AsyncIterator[kmock.Payload], crd_version: dict[str, Any], include: str
+) -> AsyncIterator[kmock.Payload]:
+    """Watch events whose objects are one-row Tables, as the API server sends them to `kubectl get --watch`."""
+    async for event in events:
+        if isinstance(event, dict):
+            obj = event["object"]
+            version = obj.get("metadata", {}).get("resourceVersion", "")
+            yield {**event, "object": _tables.table(crd_version, [obj], version, include)}
+        else:
+            yield event
+
+
+def _written(status: int, obj: dict[str, Any], options: WriteOptions) -> kmock.Response:
+    """The response to a write, with its warnings (pruned fields) as the API server's `Warning` headers.
+
+    Always with an explicit status: kmock 0.8 keeps the status of a returned Response on the reaction for
+    the requests that follow (after a 201 from an apply that created, updates must say 200).
+    """
+    headers = (
+        {"Warning": ", ".join(f"299 - {json.dumps(text)}" for text in options.warnings)} if options.warnings else {}
+    )
+    return kmock.Response(status=status, payload=obj, headers=headers)
 
 
 @attrs.frozen

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.kube import kuberay
+from tests.kube.clusters import call
 from tests.kube.emulator import Cluster, running_emulator
 
 pytestmark = pytest.mark.integration
-
-KUBERAY_CRDS = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
 
 CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -91,14 +91,7 @@ def api(
     cluster: Cluster, method: str, path: str, body: Any = None, content_type: str = "application/json"
 ) -> tuple[int, Any]:
     """A raw API call, for what kubectl does not show: (HTTP status, decoded JSON body)."""
-    data = None if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    request = urllib.request.Request(cluster.url + path, data=data, method=method)
-    request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return call(cluster.url, method, path, body, content_type)
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 20) -> bool:
@@ -188,14 +181,16 @@ def test_builtins_are_discoverable_and_crds_come_and_go(cluster: Cluster) -> Non
     assert cluster.kubectl("get", "widgets").returncode != 0  # kubectl's message depends on its discovery cache
 
 
-@pytest.mark.skipif(not KUBERAY_CRDS.is_dir(), reason=f"KubeRay's CRDs are not in {KUBERAY_CRDS}")
+@pytest.mark.skipif(kuberay.missing() is not None, reason=str(kuberay.missing()))
 def test_kuberay_crd_is_served_at_its_stable_version(cluster: Cluster) -> None:
-    crd = str(KUBERAY_CRDS / "ray.io_rayservices.yaml")
+    crd = str(kuberay.crd("rayservices"))
     too_big = cluster.kubectl("apply", "-f", crd)  # its last-applied annotation would exceed 256 KiB, as on a cluster
     assert "metadata.annotations: Too long" in too_big.stderr
     ok(cluster.kubectl("apply", "--server-side", "-f", crd))
     assert api(cluster, "GET", "/apis/ray.io")[1]["preferredVersion"]["version"] == "v1"
-    service = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "svc"}, "spec": {}}
+    head = {"template": {"spec": {"containers": [{"name": "ray-head", "image": "rayproject/ray"}]}}}
+    spec = {"rayClusterConfig": {"headGroupSpec": head}}
+    service = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "svc"}, "spec": spec}
     ok(cluster.kubectl("apply", "-f", "-", input=json.dumps(service)))
     assert get(cluster, "rayservices")["items"][0]["apiVersion"] == "ray.io/v1"
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.e2e.overrides import EXAMPLES_DIR, MAX_REPLICAS, SAMPLES, for_kind
+from tests.kube import kuberay
 from zerocopy_operator import quantity
 from zerocopy_operator.api import ZeroCopyModelSpec
 from zerocopy_operator.manifests import build_rayservice
@@ -23,7 +24,7 @@ from zerocopy_operator.validation import validate
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-KUBERAY = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+KUBERAY = kuberay.crd("rayservices")
 IMAGE = "zerocopy.local/zerocopy-examples:e2e"
 #: What one model's pods may take in all on a laptop running kind.
 LAPTOP_MEMORY = 8 * 2**30
@@ -108,8 +109,8 @@ def test_example_for_kind_validates_and_asks_for_no_gpu(where: str, resource: di
 
 @pytest.mark.parametrize(("where", "resource"), EXAMPLES, ids=[where for where, _ in EXAMPLES])
 def test_example_for_kind_is_a_valid_rayservice_for_kuberay(where: str, resource: dict[str, Any]) -> None:
-    if not KUBERAY.is_file():
-        pytest.skip(f"KubeRay's CRDs are not at {KUBERAY} (they come with ../shared/kuberay-crds)")
+    if reason := kuberay.missing():
+        pytest.skip(reason)
     crd = yaml.safe_load(KUBERAY.read_text())
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
     jsonschema.Draft4Validator(schema).validate(build_rayservice(for_kind(resource), IMAGE))

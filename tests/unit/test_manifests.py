@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.kube import kuberay
 from zerocopy_operator import quantity
 from zerocopy_operator.manifests import build_app_args, build_rayservice, endpoint, parse_spec
 from zerocopy_operator.validation import InvalidSpec, validate
@@ -17,7 +18,7 @@ from zerocopy_operator.validation import InvalidSpec, validate
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-KUBERAY = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+KUBERAY = kuberay.crd("rayservices")
 IMAGE = "registry.example/zerocopy-runtime:test"
 
 
@@ -34,8 +35,8 @@ def _serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def kuberay_schema() -> dict[str, Any]:
-    if not KUBERAY.is_file():
-        pytest.skip(f"KubeRay's CRDs are not at {KUBERAY} (they come with ../shared/kuberay-crds)")
+    if reason := kuberay.missing():
+        pytest.skip(reason)
     crd = yaml.safe_load(KUBERAY.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return dict(version["schema"]["openAPIV3Schema"])

@@ -44,22 +44,18 @@ from tests.crd_schema import (
     strategy_for,
     to_json_schema,
 )
+from tests.kube import kuberay
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"
-#: Where tests/unit/test_manifests.py reads KubeRay's CRDs from too.
-KUBERAY = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+KUBERAY = kuberay.crd("rayservices")
 IMAGE = "runtime:test"
 API_VERSION, KIND = "zerocopy.dev/v1alpha1", "ZeroCopyModel"
 
-if not KUBERAY.is_file():
-    pytest.skip(
-        f"KubeRay's CRDs are not at {KUBERAY} (they come with ../shared/kuberay-crds): "
-        "without them a rendered RayService cannot be checked",
-        allow_module_level=True,
-    )
+if reason := kuberay.missing():
+    pytest.skip(f"{reason} (without them a rendered RayService cannot be checked)", allow_module_level=True)
 
 # Imported after the skip: importing Ray's Serve schema takes a second.
 from ray.serve._private.config import DeploymentConfig, ReplicaConfig  # noqa: E402
