@@ -716,10 +716,11 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (memory, tokens, ttft) = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, (memory, tokens, ttft) = plt.subplots(1, 3, figsize=(16, 4.5))
     done = [r for r in rows if "error" not in r]
-    memory.bar([f"{r['model']}\n{r['variant']}" for r in done], [r["memory_mib"] for r in done])
-    memory.set_ylabel("memory of the replicas, MiB (PSS)")
+    memory.barh([f"{r['model']}: {r['variant']}" for r in done], [r["memory_mib"] for r in done])
+    memory.invert_yaxis()
+    memory.set_xlabel("memory of the 4 replicas (and owner), MiB (PSS)")
     memory.set_title("scaled to 4 replicas")
     for label, _ in LOAD_VARIANTS:
         level = [r for r in runs if r["variant"] == label and "error" not in r]
@@ -729,6 +730,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> bool:
     tokens.set_xlabel("concurrent clients")
     tokens.set_ylabel("tokens/s")
     tokens.set_xscale("log", base=2)
+    tokens.set_title("streaming chat, 2 replicas")
     tokens.legend()
     ttft.set_xlabel("concurrent clients")
     ttft.set_ylabel("time to first token p50, ms")
