@@ -73,10 +73,10 @@ LABEL org.opencontainers.image.title="zerocopy-runtime" \
       org.opencontainers.image.version="${VERSION}"
 # torch first, from its own index, so that the runtime's `torch>=2.3` is already met by the wanted build.
 RUN pip install --no-cache-dir --disable-pip-version-check --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# The runtime and hf extras; Ray and torch pinned to what is installed so pip never swaps them.
+# The runtime, hf and s3 extras; Ray and torch pinned to what is installed so pip never swaps them.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check \
-      "zerocopy-operator[runtime,hf] @ file:///wheels/zerocopy_operator-${VERSION}-py3-none-any.whl" \
+      "zerocopy-operator[runtime,hf,s3] @ file:///wheels/zerocopy_operator-${VERSION}-py3-none-any.whl" \
       "ray[serve,data]==${RAY_VERSION}" "torch==${TORCH_VERSION}"
 ENV PYTHONUNBUFFERED=1
 # The base image's `ray` user (uid 1000, group users 100), numeric so that runAsNonRoot can check it.

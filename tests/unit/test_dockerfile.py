@@ -232,7 +232,7 @@ def test_the_runtime_is_built_on_the_ray_version_the_operator_asks_for(dockerfil
     assert dockerfile.global_args["RAY_VARIANT"] == "cpu"
     installs = pip_commands(dockerfile.stages["runtime"], dockerfile)
     names = [requirement(r) for p in installs for r in p.requirements]
-    assert ("zerocopy-operator", {"runtime", "hf"}) in names
+    assert ("zerocopy-operator", {"runtime", "hf", "s3"}) in names  # s3:// URIs work in a cluster
     # Ray stays the base image's: pip is told the exact version, so it never swaps it.
     assert f"ray[serve,data]=={DEFAULT_RAY_VERSION}" in [r for p in installs for r in p.requirements]
     runtime = dockerfile.stages["runtime"]
