@@ -9,7 +9,9 @@ forward pass for every row still generating. Only the next-token ids (one
 integer per row) cross to the host each step, never whole logits. A row that
 finishes (end of sequence, a stop string, `max_tokens`, or a client that
 went away) leaves the batch and its cache rows are dropped, so the others go
-on without it.
+on without it. Continuous batching: requests that arrive while a causal LM's
+batch runs join it between decode steps (prefilled on their own, then padded
+into the running cache), up to `max_batch_size` rows.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class BatchGenerator:
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.largest_batch = 0
         self.forward_passes = 0
+        self.joined = 0  # requests that joined a running batch between its decode steps
         self._pending: list[_Row] = []
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="zerocopy-generation", daemon=True)
@@ -112,15 +115,28 @@ class BatchGenerator:
                     self._wake.wait()
                 # Give concurrent requests the batch window to join, then take up to max_batch_size.
                 self._wake.wait_for(lambda: len(self._pending) >= self.max_batch_size, self.batch_wait_timeout_s)
-                batch, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size :]
+                rows = self._take(self.max_batch_size)
+            members = list(rows)  # every row this batch ever held, the ones that join later too
             try:
                 with torch.inference_mode():
-                    self._generate(batch)
+                    batch = self._prefill(rows)
+                    while batch is not None:
+                        self._join(batch, members)
+                        batch = self._after(batch, self._forward(batch.steps.inputs, batch.cache))
             except Exception as exc:  # a failed batch fails its requests, never the loop
-                for row in batch:
+                for row in members:
                     row.emit(Token(None, finish_reason=f"error: {type(exc).__name__}: {exc}"))
 
-    def _generate(self, rows: list[_Row]) -> None:
+    def _take(self, room: int) -> list[_Row]:
+        taken, self._pending = self._pending[:room], self._pending[room:]
+        return taken
+
+    def _forward(self, inputs: dict[str, Any], cache: Any) -> Any:
+        self.forward_passes += 1
+        return self.model(**inputs, cache=cache, use_cache=True)
+
+    def _prefill(self, rows: list[_Row]) -> _Batch | None:
+        """The prompts' forward pass, which also picks each row's first token."""
         self.largest_batch = max(self.largest_batch, len(rows))
         device = self._device()
         width = max(len(r.prompt) for r in rows)
@@ -130,30 +146,49 @@ class BatchGenerator:
             ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
             mask[i, width - len(row.prompt) :] = 1
         steps = self._steps(ids.to(device), mask.to(device))
-        cache: Any = None
-        live = list(range(len(rows)))
-        while live:
-            output = self.model(**steps.inputs, cache=cache, use_cache=True)
-            self.forward_passes += 1
-            cache = output.cache
-            chosen = self._choose(output.logits[:, -1, :], [rows[i] for i in live])
-            keep: list[int] = []
-            for slot, (i, token) in enumerate(zip(live, chosen.tolist(), strict=True)):
-                row = rows[i]
-                reason = self._finish(row, token)
-                if reason != "skip":
-                    row.emit(Token(None if reason == "stop" and token in self.eos else token, reason))
-                if reason is None:
-                    keep.append(slot)
-            if not keep:
-                return
-            if len(keep) < len(live):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                steps.select(index)
-                chosen = chosen[index]
-                live = [live[slot] for slot in keep]
-            steps.advance(chosen)
+        return self._after(_Batch(rows, steps, None), self._forward(steps.inputs, None))
+
+    def _after(self, batch: _Batch, output: Any) -> _Batch | None:
+        """Send each row its token; rows that finished leave, and the rest get their next step's inputs."""
+        batch.cache = output.cache
+        chosen = self._choose(output.logits[:, -1, :], batch.rows)
+        keep: list[int] = []
+        for slot, (row, token) in enumerate(zip(batch.rows, chosen.tolist(), strict=True)):
+            reason = self._finish(row, token)
+            if reason != "skip":
+                row.emit(Token(None if reason == "stop" and token in self.eos else token, reason))
+            if reason is None:
+                keep.append(slot)
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            index = torch.tensor(keep, device=chosen.device)
+            batch.cache.batch_select_indices(index)
+            batch.steps.select(index)
+            chosen = chosen[index]
+            batch.rows = [batch.rows[slot] for slot in keep]
+        batch.steps.advance(chosen)
+        return batch
+
+    def _join(self, batch: _Batch, members: list[_Row]) -> None:
+        """Continuous batching: requests that arrived meanwhile join between decode steps, where there is room.
+
+        Only a causal LM on a plain KV cache can take rows of another length (both sides are left-padded
+        to one width); an encoder-decoder, or a model with sliding-window or static caches, waits for
+        the running batch to end.
+        """
+        if not isinstance(batch.steps, _CausalSteps) or not _paddable(batch.cache):
+            return
+        with self._wake:
+            new = self._take(self.max_batch_size - len(batch.rows))
+        if not new:
+            return
+        members.extend(new)
+        self.joined += len(new)
+        fresh = self._prefill(new)
+        if fresh is not None:
+            batch.merge(fresh)
+            self.largest_batch = max(self.largest_batch, len(batch.rows))
 
     def _steps(self, ids: torch.Tensor, mask: torch.Tensor) -> _CausalSteps | _Seq2SeqSteps:
         config = getattr(self.model, "config", None)
@@ -193,6 +228,43 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
+@dataclass
+class _Batch:
+    """The rows still generating, their next inputs and their KV cache."""
+
+    rows: list[_Row]
+    steps: _CausalSteps | _Seq2SeqSteps
+    cache: Any
+
+    def merge(self, other: _Batch) -> None:
+        """Take in another batch of a causal LM, left-padding the shorter one's cache and mask to one width."""
+        assert isinstance(self.steps, _CausalSteps)
+        assert isinstance(other.steps, _CausalSteps)
+        width = max(self.steps.mask.shape[1], other.steps.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            for name in ("keys", "values"):
+                ours, new = getattr(mine, name), getattr(theirs, name)
+                setattr(mine, name, torch.cat([_left_pad(ours, width - 1, 2), _left_pad(new, width - 1, 2)]))
+        self.steps.merge(other.steps, width)
+        self.rows += other.rows
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _paddable(cache: Any) -> bool:
+    """Whether the cache is transformers' plain DynamicCache, whose layers are whole tensors we can pad."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 class _CausalSteps:
     """A decoder-only model's inputs: positions count real tokens only, and every step adds a mask column."""
 
@@ -209,7 +281,15 @@ class _CausalSteps:
     def advance(self, chosen: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(chosen), 1))], dim=-1)
         self.positions = self.positions[:, -1:] + 1
-        self.inputs = {"input_ids": chosen.unsqueeze(-1), "attention_mask": self.mask, "position_ids": self.positions}
+        self._decode_inputs(chosen.unsqueeze(-1))
+
+    def merge(self, other: _CausalSteps, width: int) -> None:
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self._decode_inputs(torch.cat([self.inputs["input_ids"], other.inputs["input_ids"]]))
+
+    def _decode_inputs(self, ids: torch.Tensor) -> None:
+        self.inputs = {"input_ids": ids, "attention_mask": self.mask, "position_ids": self.positions}
 
 
 class _Seq2SeqSteps:

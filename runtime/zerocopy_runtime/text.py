@@ -218,6 +218,7 @@ class TextEngine:
             "context_length": self.context,
             "largest_batch": generator.largest_batch if generator else 0,
             "forward_passes": generator.forward_passes if generator else 0,
+            "joined_running_batch": generator.joined if generator else 0,
         }
 
 
