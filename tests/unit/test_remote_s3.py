@@ -2,14 +2,20 @@
 
 The client is the real one (s3fs on aiobotocore) speaking HTTP to a real
 server; only the store behind it is moto's. The endpoint comes from
-`AWS_ENDPOINT_URL`, as it would for MinIO or any S3-compatible store.
+`AWS_ENDPOINT_URL`, as it would for MinIO or any S3-compatible store. A
+forwarding proxy in front of moto cuts a download off halfway.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -39,6 +45,49 @@ def endpoint() -> Iterator[str]:
         s3.put_object(Bucket=BUCKET, Key=f"tiny/{name}", Body=data)
     yield url
     server.stop()
+
+
+class _CuttingProxy(BaseHTTPRequestHandler):
+    """Forwards every request to moto; with `cut` set, sends only half of each model.safetensors body."""
+
+    upstream = ""
+    cut = False
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = urlsplit(self.upstream)
+        connection = http.client.HTTPConnection(upstream.hostname or "", upstream.port, timeout=30)
+        connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+        response = connection.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if self.cut and self.command == "GET" and "model.safetensors" in self.path:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the connection drops mid-body
+            return
+        self.wfile.write(data)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+@pytest.fixture
+def proxy(endpoint: str) -> Iterator[tuple[str, type[_CuttingProxy]]]:
+    handler = type("Proxy", (_CuttingProxy,), {"upstream": endpoint, "cut": False})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+    httpd.shutdown()
 
 
 @pytest.fixture
@@ -80,3 +129,20 @@ def test_a_missing_s3_object_is_a_clear_error_that_leaves_nothing_behind(s3_env:
     with pytest.raises(CheckpointError, match=r"Cannot download 's3://models/nothing-here\.pt'.*credentials"):
         local_path(_source(f"s3://{BUCKET}/nothing-here.pt"))
     assert not [p for p in s3_env.rglob("*") if p.is_file()]
+
+
+def test_an_s3_download_cut_off_halfway_fails_and_leaves_nothing_to_reuse(
+    s3_env: Path, proxy: tuple[str, type[_CuttingProxy]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, handler = proxy
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    handler.cut = True
+    with pytest.raises(CheckpointError, match=r"Cannot download 's3://models/tiny/'"):
+        local_path(_source(f"s3://{BUCKET}/tiny/"))
+    assert not [p for p in s3_env.rglob("*") if p.is_file()], "a cut-off download left files in the cache"
+    handler.cut = False
+    path = local_path(_source(f"s3://{BUCKET}/tiny/"))  # the next try downloads afresh, completely
+    assert (path / "model.safetensors").read_bytes() == FILES["model.safetensors"]
