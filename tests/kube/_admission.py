@@ -35,14 +35,23 @@ _NOT_CHECKED = _errors.FieldError(
 
 @attrs.define
 class WriteOptions:
-    """What a request asks of a write (`fieldValidation`) and what it is told back (warnings)."""
+    """What a request asks of a write (`fieldValidation`, `fieldManager`, `force`) and what it is told back
+    (warnings). Without `fieldManager`, the manager is the client's User-Agent up to its first `/`."""
 
     field_validation: str = "Warn"  # the API server's default when the request names none
     warnings: list[str] = attrs.field(factory=list)
+    field_manager: str = "unknown"
+    force: bool = False
+    #: Set for server-side apply, whose managedFields `_apply` has already worked out.
+    applied: bool = False
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> WriteOptions:
-        return cls(field_validation=params.get("fieldValidation") or "Warn")
+    def from_params(cls, params: Mapping[str, str], user_agent: str = "") -> WriteOptions:
+        return cls(
+            field_validation=params.get("fieldValidation") or "Warn",
+            field_manager=params.get("fieldManager") or user_agent.split("/")[0] or "unknown",
+            force=params.get("force") == "true",
+        )
 
 
 def admit(

@@ -119,13 +119,16 @@ def unknown_fields(kind: str, version: str, paths: Sequence[str]) -> kmock.Kuber
     return kmock.KubernetesError(400, "BadRequest", message, {})
 
 
-def apply_conflicts(resource: kmock.resource, name: str, conflicts: Sequence[tuple[str, str]]) -> kmock.KubernetesError:
-    """409 for a server-side apply that would take fields other managers own: (manager, `.spec.field`) pairs."""
+def apply_conflicts(
+    resource: kmock.resource, name: str, conflicts: Sequence[tuple[str, str, str]]
+) -> kmock.KubernetesError:
+    """409 for a server-side apply that would take fields other managers own: (manager, its apiVersion,
+    `.spec.field`) triples."""
     count = f"{len(conflicts)} conflict{'s' if len(conflicts) > 1 else ''}"
-    listed = "\n".join(f'conflict with "{manager}": {field}' for manager, field in conflicts)
+    listed = "\n".join(f'conflict with "{manager}" using {version}: {field}' for manager, version, field in conflicts)
     message = f"Apply failed with {count}: {listed}"
     causes = [
-        {"reason": "FieldManagerConflict", "message": f'conflict with "{manager}"', "field": field}
-        for manager, field in conflicts
+        {"type": "FieldManagerConflict", "message": f'conflict with "{manager}" using {version}', "field": field}
+        for manager, version, field in conflicts
     ]
     return kmock.KubernetesError(409, "Conflict", message, {**_details(resource, name), "causes": causes})

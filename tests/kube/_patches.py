@@ -1,9 +1,9 @@
 """The PATCH flavours the API server accepts, applied to plain JSON-like objects.
 
 Simplifications, on purpose: strategic-merge patches (built-in kinds only: custom resources answer 415) are
-applied as JSON merge patches (their `$`-directives dropped), so lists are replaced rather than merged by key;
-server-side apply is a deep merge with no field ownership. Both are exact for what kubectl sends for flat
-built-ins like ConfigMaps.
+applied as JSON merge patches (their `$`-directives dropped), so lists are replaced rather than merged by key,
+which is exact for what kubectl sends for flat built-ins like ConfigMaps. Server-side apply, with its field
+ownership, is `_apply`'s.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import kmock
 
-from tests.kube import _discovery, _errors
+from tests.kube import _apply, _discovery, _errors
 from tests.kube._admission import WriteOptions, admit
 from tests.kube._watch import EventLog, WatchEvent
 
@@ -157,7 +157,14 @@ class Store:
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         if "status" in info.subresources:
             obj.pop("status", None)
-        obj = admit(resource, info.kind, self.schema(resource), obj, None, options or WriteOptions())
+        options = options or WriteOptions()
+        if not options.applied:
+            separate = "status" in info.subresources
+            meta["managedFields"] = _apply.record_update(
+                None, obj, self.schema(resource), options.field_manager, None, separate
+            )
+        obj = admit(resource, info.kind, self.schema(resource), obj, None, options)
+        _apply.keep_present(obj)
         if resource == _discovery.CRDS:
             obj["status"] = _established(obj)
         if resource == _discovery.NAMESPACES:
@@ -188,7 +195,15 @@ class Store:
                 meta[field] = current["metadata"][field]
             else:
                 meta.pop(field, None)
-        updated = admit(key[0], info.kind, self.schema(key[0]), updated, current, options or WriteOptions())
+        options = options or WriteOptions()
+        updated = admit(key[0], info.kind, self.schema(key[0]), updated, current, options)
+        if options.applied:
+            updated["metadata"]["managedFields"] = (proposed.get("metadata") or {}).get("managedFields") or []
+        else:
+            updated["metadata"]["managedFields"] = _apply.record_update(
+                current, updated, self.schema(key[0]), options.field_manager, subresource, "status" in info.subresources
+            )
+        _apply.keep_present(updated)
         meta = updated["metadata"]
         if updated == current:
             return current

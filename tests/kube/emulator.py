@@ -6,7 +6,8 @@ kopf and kubectl rely on. `KubeApiEmulator` routes requests; the rules live by c
 
 - `_store`: server-owned metadata (uid, resourceVersion, creationTimestamp, generation), the status
   subresource, optimistic concurrency (409), finalizers, owner-reference / namespace / CRD cascades;
-- `_patches`: merge, strategic-merge (as merge), JSON patch (422 on a failed `test` op), server-side apply;
+- `_patches`: merge, strategic-merge (as merge), JSON patch (422 on a failed `test` op);
+- `_apply`: server-side apply with field ownership (managedFields, conflicts, dropped fields removed);
 - `_watch`: watches resumable from any `resourceVersion`; `_selectors`: label and field selectors;
 - `_discovery`: built-in resources, CRD resources appearing and vanishing, preferred versions;
 - `_http`, `_protobuf`, `_errors`: paths and bodies as kubectl sends them, `kind: Status` errors.
@@ -35,7 +36,7 @@ import kmock
 import yaml
 from kmock._internal.rendering import StreamingError  # kmock's wrapper for failures after a stream began
 
-from tests.kube import _discovery, _errors, _http, _patches, _selectors, _tables
+from tests.kube import _apply, _discovery, _errors, _http, _patches, _selectors, _tables
 from tests.kube._admission import WriteOptions
 from tests.kube._store import ObjectKey, Store, api_version
 
@@ -215,7 +216,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         if not meta.get("name"):
             raise _errors.invalid("metadata.name: Required value: name or generateName is required")
         namespace = (meta.get("namespace") or "default") if info.namespaced else None
-        options = WriteOptions.from_params(request.params)
+        options = WriteOptions.from_params(request.params, request.headers.get("User-Agent", ""))
         created = self._store.create(resource, info, namespace, body, options)
         self._store.collect_if_orphaned((resource, namespace, created["metadata"]["name"]))
         return _written(201, created, options)
@@ -300,13 +301,20 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         if patch_type not in accepted:
             raise _errors.unsupported_media_type(patch_type, accepted)
         patch = _http.decode_body(request.body, request.headers)
-        options = WriteOptions.from_params(request.params)
+        options = WriteOptions.from_params(request.params, request.headers.get("User-Agent", ""))
         current = self._store.live(key)
         if current is None and patch_type == _patches.APPLY_PATCH and request.subresource is None:
             return _written(201, self._create_applied(key, info, patch, options), options)
         if current is None:
             raise _errors.not_found(key[0], key[2])
-        proposed = _patches.apply_patch(current, patch_type, patch)
+        if patch_type == _patches.APPLY_PATCH:
+            schema = self._store.schema(key[0])
+            proposed = _apply.apply(
+                key[0], current, patch, schema, options.field_manager, options.force, request.subresource
+            )
+            options.applied = True
+        else:
+            proposed = _patches.apply_patch(current, patch_type, patch)
         updated = self._store.update(key, info, current, proposed, request.subresource, options)
         return _written(200, updated, options)
 
@@ -320,7 +328,9 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         meta = patch.setdefault("metadata", {})
         if meta.setdefault("name", name) != name or meta.setdefault("namespace", namespace) != namespace:
             raise _errors.bad_request("the name or namespace of the object does not match the request's")
-        return self._store.create(resource, info, namespace, patch, options)
+        applied = _apply.apply(resource, None, patch, self._store.schema(resource), options.field_manager, True, None)
+        options.applied = True
+        return self._store.create(resource, info, namespace, applied, options)
 
     async def _serve_replace(self, request: kmock.Request) -> kmock.Payload:
         """PUT: a whole new object, conditional on its `resourceVersion` if it carries one (409 if stale)."""
@@ -328,7 +338,7 @@ class KubeApiEmulator(kmock.KubernetesEmulator):
         body = self._object_body(request)
         if body["metadata"].get("name", key[2]) != key[2]:
             raise _errors.bad_request("the name of the object does not match the name on the URL")
-        options = WriteOptions.from_params(request.params)
+        options = WriteOptions.from_params(request.params, request.headers.get("User-Agent", ""))
         updated = self._store.update(key, info, self._store.existing(key), body, request.subresource, options)
         return _written(200, updated, options)
 

@@ -311,3 +311,81 @@ def test_a_deleted_namespace_terminates_until_its_objects_are_gone(cluster: Clus
     assert kubectl(cluster, name, "patch", "configmap", "held", "--type=json", "-p", release).returncode == 0
     waited = cluster.kubectl("wait", "--for=delete", f"namespace/{name}", "--timeout=120s")
     assert waited.returncode == 0 or "not found" in waited.stderr
+
+
+# -- server-side apply -------------------------------------------------------------------------------------
+
+REPLICAS = ("f:spec", "f:serving", "f:replicas")
+ROUTE = ("f:spec", "f:serving", "f:routePrefix")
+
+
+def applied(cluster: Cluster, namespace: str, obj: Any, *flags: str) -> subprocess.CompletedProcess[str]:
+    return kubectl(cluster, namespace, "apply", "--server-side", *flags, "-f", "-", obj=obj)
+
+
+def serving_only(name: str, **serving: Any) -> dict[str, Any]:
+    """An apply configuration of a ZeroCopyModel that sets only these `spec.serving` fields."""
+    return {"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ZeroCopyModel", "metadata": {"name": name},
+            "spec": {"serving": serving}}  # fmt: skip
+
+
+def appliers(cluster: Cluster, namespace: str, name: str, path: tuple[str, ...]) -> set[str]:
+    """The managers whose `Apply` entries in managedFields own the field at `path` (fieldsV1 keys)."""
+    out = kubectl(cluster, namespace, "get", "zcm", name, "-o", "json", "--show-managed-fields")
+    assert out.returncode == 0, out.stderr
+    found = set()
+    for entry in json.loads(out.stdout)["metadata"].get("managedFields", []):
+        node = entry.get("fieldsV1", {})
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if entry["operation"] == "Apply" and node is not None:
+            found.add(entry["manager"])
+    return found
+
+
+def test_server_side_apply_removes_the_fields_a_manager_dropped(cluster: Cluster, namespace: str) -> None:
+    assert applied(cluster, namespace, model("ssa-dropped")).returncode == 0
+    assert appliers(cluster, namespace, "ssa-dropped", ROUTE) == {"kubectl"}
+    reapplied = applied(cluster, namespace, model("ssa-dropped", routePrefix=None))
+    assert reapplied.returncode == 0, reapplied.stderr
+    serving = fetched(cluster, namespace, "zcm", "ssa-dropped")["spec"]["serving"]
+    assert "routePrefix" not in serving
+    assert serving["replicas"] == 2
+    assert appliers(cluster, namespace, "ssa-dropped", REPLICAS) == {"kubectl"}
+    assert appliers(cluster, namespace, "ssa-dropped", ROUTE) == set()
+
+
+def test_a_second_manager_conflicts_unless_it_forces(cluster: Cluster, namespace: str, proxy: ApiProxy) -> None:
+    assert applied(cluster, namespace, model("ssa-conflict")).returncode == 0
+    other = serving_only("ssa-conflict", replicas=3)
+    refused = applied(cluster, namespace, other, "--field-manager=other")
+    assert refused.returncode != 0
+    assert 'conflict with "kubectl"' in refused.stderr
+    assert ".spec.serving.replicas" in refused.stderr
+
+    path = f"/apis/zerocopy.dev/v1alpha1/namespaces/{namespace}/zerocopymodels/ssa-conflict?fieldManager=other"
+    status, body = proxy.call("PATCH", path, json.dumps(other), "application/apply-patch+yaml")
+    assert (status, body["kind"], body["reason"]) == (409, "Status", "Conflict")
+    assert 'conflict with "kubectl" using zerocopy.dev/v1alpha1: .spec.serving.replicas' in body["message"]
+    assert [(c["type"], c["field"]) for c in body["details"]["causes"]] == [
+        ("FieldManagerConflict", ".spec.serving.replicas")
+    ]
+    assert body["details"]["causes"][0]["message"] == 'conflict with "kubectl" using zerocopy.dev/v1alpha1'
+    assert fetched(cluster, namespace, "zcm", "ssa-conflict")["spec"]["serving"]["replicas"] == 2
+
+    forced = applied(cluster, namespace, other, "--field-manager=other", "--force-conflicts")
+    assert forced.returncode == 0, forced.stderr
+    assert fetched(cluster, namespace, "zcm", "ssa-conflict")["spec"]["serving"]["replicas"] == 3
+    assert appliers(cluster, namespace, "ssa-conflict", REPLICAS) == {"other"}
+    assert appliers(cluster, namespace, "ssa-conflict", ROUTE) == {"kubectl"}
+
+
+def test_applying_the_same_value_shares_the_field(cluster: Cluster, namespace: str) -> None:
+    assert applied(cluster, namespace, model("ssa-shared")).returncode == 0
+    same = applied(cluster, namespace, serving_only("ssa-shared", replicas=2), "--field-manager=other")
+    assert same.returncode == 0, same.stderr
+    assert appliers(cluster, namespace, "ssa-shared", REPLICAS) == {"kubectl", "other"}
+    # kubectl drops the field: "other" still owns it, so it stays (and is now other's alone).
+    assert applied(cluster, namespace, model("ssa-shared", replicas=None)).returncode == 0
+    assert fetched(cluster, namespace, "zcm", "ssa-shared")["spec"]["serving"]["replicas"] == 2
+    assert appliers(cluster, namespace, "ssa-shared", REPLICAS) == {"other"}

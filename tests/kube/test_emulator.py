@@ -291,7 +291,7 @@ def test_put_conflicts_on_a_stale_resource_version(widgets: Cluster) -> None:
     assert get(widgets, "wdg", "w1")["spec"] == {"size": 3}
 
 
-def test_server_side_apply_creates_then_merges(widgets: Cluster) -> None:
+def test_server_side_apply_creates_then_owns_what_it_sent(widgets: Cluster) -> None:
     result = ok(widgets.kubectl("apply", "--server-side", "-f", "-", input=widget("w1", size=4)))
     assert "serverside-applied" in result
     assert get(widgets, "wdg", "w1")["spec"] == {"size": 4}
@@ -302,7 +302,11 @@ def test_server_side_apply_creates_then_merges(widgets: Cluster) -> None:
     update = "apiVersion: toys.example.com/v1\nkind: Widget\nmetadata: {name: w2}\nspec: {color: red}\n"
     path = f"{WIDGETS}/w2?fieldManager=test&force=true"
     assert api(widgets, "PATCH", path, update, "application/apply-patch+yaml")[0] == 200
-    assert get(widgets, "wdg", "w2")["spec"] == {"size": 1, "color": "red"}
+    stored = get(widgets, "wdg", "w2", "--show-managed-fields")
+    assert stored["spec"] == {"color": "red"}  # the manager dropped `size`, which nobody else owned
+    (entry,) = stored["metadata"]["managedFields"]
+    assert (entry["manager"], entry["operation"]) == ("test", "Apply")
+    assert entry["fieldsV1"] == {"f:spec": {"f:color": {}}}
 
 
 def test_label_and_field_selectors(widgets: Cluster) -> None:
