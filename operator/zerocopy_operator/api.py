@@ -16,7 +16,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
-from zerocopy_runtime.config import REPLICA_RULES, ApiModel, ModelSource, ReplicaSettings, api_config, cel
+from zerocopy_runtime.config import (
+    BUILDABLE_RULE,
+    REPLICA_RULES,
+    ApiModel,
+    ModelSource,
+    ReplicaSettings,
+    api_config,
+    cel,
+    check_buildable,
+)
 
 GROUP = "zerocopy.dev"
 VERSION = "v1alpha1"
@@ -117,6 +126,12 @@ class Serving(ReplicaSettings):
     model_config = cel(
         *REPLICA_RULES,
         ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both"),
+        (
+            "!has(self.engine) || self.engine != 'vllm' || !has(self.gpusPerReplica) || self.gpusPerReplica == 0.0 || "
+            "self.gpusPerReplica == double(has(self.vllm) && has(self.vllm.tensorParallelSize) ? "
+            "self.vllm.tensorParallelSize : 1)",
+            "serving.gpusPerReplica must be 0 or equal vllm.tensorParallelSize (an engine takes that many whole GPUs)",
+        ),
     )
 
     route_prefix: str | None = Field(
@@ -141,6 +156,12 @@ class Serving(ReplicaSettings):
     def _one_count(self) -> Serving:
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("set serving.replicas or serving.autoscaling, not both")
+        parallel = self.vllm.tensor_parallel_size if self.vllm is not None else 1
+        if self.engine == "vllm" and self.gpus_per_replica not in (0, parallel):
+            raise ValueError(
+                f"serving.gpusPerReplica ({self.gpus_per_replica:g}) must be 0 or equal vllm.tensorParallelSize "
+                f"({parallel}): an engine takes that many whole GPUs"
+            )
         return self
 
 
@@ -270,7 +291,8 @@ class ZeroCopyModelSpec(_Spec):
             "self.upgradeStrategy.type != 'NewClusterWithIncrementalUpgrade' || "
             "(has(self.cluster) && has(self.cluster.enableInTreeAutoscaling) && self.cluster.enableInTreeAutoscaling)",
             "upgradeStrategy NewClusterWithIncrementalUpgrade needs cluster.enableInTreeAutoscaling: true (KubeRay)",
-        )
+        ),
+        BUILDABLE_RULE,
     )
 
     model: Model
@@ -285,6 +307,7 @@ class ZeroCopyModelSpec(_Spec):
             raise ValueError(
                 "upgradeStrategy NewClusterWithIncrementalUpgrade needs cluster.enableInTreeAutoscaling: true (KubeRay)"
             )
+        check_buildable(self.model, self.serving.engine)
         return self
 
 

@@ -90,7 +90,11 @@ class ModelSource(ApiModel):
     sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="Checked when publishing; also names the revision."
     )
-    architecture: Architecture
+    architecture: Architecture | None = Field(
+        default=None,
+        description="How replicas build the model around the weights; required with engine transformers (engine vllm "
+        "builds it from config.json's architectures).",
+    )
 
     @field_validator("uri", mode="before")
     @classmethod
@@ -107,11 +111,64 @@ class Batching(ApiModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10, description="Seconds to wait for a fuller batch.")
 
 
+#: Engine arguments the runtime sets itself: the weights come from the object store, never from these.
+OWNED_ENGINE_ARGS = frozenset(
+    {"model", "tokenizer", "load_format", "model_loader_extra_config", "served_model_name", "download_dir"}
+)
+
+
+class Vllm(ApiModel):
+    """vLLM's engine settings, for `engine: vllm`; anything else vLLM takes goes in engineArgs."""
+
+    max_model_len: int | None = Field(
+        default=None, ge=16, le=1048576, description="Context length (prompt + answer); default: the model's."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take (weights + KV cache)."
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="GPUs one engine spans; gpusPerReplica must equal it on GPUs."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="Compute dtype; auto: the checkpoint's (bfloat16 for float32 on GPUs)."
+    )
+    kv_cache_gib: float | None = Field(
+        default=None,
+        gt=0,
+        le=4096,
+        description="KV cache size in GiB on CPUs (VLLM_CPU_KVCACHE_SPACE); on GPUs gpuMemoryUtilization decides.",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More vLLM engine arguments by their Python name (enforce_eager, max_num_seqs, ...). "
+        f"Not {', '.join(sorted(OWNED_ENGINE_ARGS))}: zerocopy sets those.",
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_owned(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(OWNED_ENGINE_ARGS & set(value))
+        if owned:
+            raise ValueError(
+                f"vllm.engineArgs must not set {', '.join(owned)}: zerocopy loads the weights from the object store "
+                "and names the model itself"
+            )
+        return value
+
+
 #: CEL rules of ReplicaSettings, repeated by classes that extend it (a subclass's rules replace its parent's).
 REPLICA_RULES = (
     (
         "!has(self.task) || self.task == 'tensor' || !has(self.handler) || self.handler == 'tensor'",
         "serving.handler goes with task tensor; the text tasks answer the OpenAI-compatible routes themselves",
+    ),
+    (
+        "!has(self.engine) || self.engine == 'transformers' || (has(self.task) && self.task == 'text-generation')",
+        "engine vllm serves task text-generation (a causal LM); use engine transformers for the other tasks",
+    ),
+    (
+        "!has(self.vllm) || (has(self.engine) && self.engine == 'vllm')",
+        "serving.vllm settings go with engine: vllm",
     ),
 )
 
@@ -130,6 +187,12 @@ class ReplicaSettings(ApiModel):
     handler: str = Field(
         default="tensor", description="'tensor' (JSON tensors in and out) or `package.module:function`."
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers: the runtime's own batch generator on the attached weights; vllm: vLLM's engine "
+        "(paged attention, continuous batching), loading its weights from the node's published copy.",
+    )
+    vllm: Vllm | None = Field(default=None, description="vLLM's settings (engine: vllm).")
     batching: Batching = Field(default_factory=Batching)
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when a GPU is assigned.")
     write_guard: bool = Field(default=True, description="Map shared weights read-only in every replica.")
@@ -142,11 +205,17 @@ class ReplicaSettings(ApiModel):
         return value
 
     @model_validator(mode="after")
-    def _handler_for_tensors(self) -> ReplicaSettings:
+    def _fits_task(self) -> ReplicaSettings:
         if self.task != "tensor" and self.handler != "tensor":
             raise ValueError(
                 "serving.handler goes with task tensor; the text tasks answer the OpenAI-compatible routes themselves"
             )
+        if self.engine == "vllm" and self.task != "text-generation":
+            raise ValueError(
+                "engine vllm serves task text-generation (a causal LM); use engine transformers for the other tasks"
+            )
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError("serving.vllm settings go with engine: vllm")
         return self
 
 
@@ -161,6 +230,23 @@ class AppArgs(ReplicaSettings):
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="model name")
     model: ModelSource
+
+    @model_validator(mode="after")
+    def _buildable(self) -> AppArgs:
+        check_buildable(self.model, self.engine)
+        return self
+
+
+#: The spec-wide CEL rule that `check_buildable` mirrors.
+BUILDABLE_RULE = (
+    "has(self.model.architecture) || (has(self.serving) && has(self.serving.engine) && self.serving.engine == 'vllm')",
+    "set model.architecture (factory or transformers class): engine transformers builds the model from it",
+)
+
+
+def check_buildable(model: ModelSource, engine: str) -> None:
+    if model.architecture is None and engine != "vllm":
+        raise ValueError(BUILDABLE_RULE[1])
 
 
 def fields_of(model: type[BaseModel]) -> set[str]:

@@ -21,7 +21,7 @@ import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +44,21 @@ class Token:
 
     token_id: int | None
     finish_reason: str | None = None
+
+
+class TokenGenerator(Protocol):
+    """What the text routes need from an engine: token ids in, token ids out as they are made."""
+
+    #: Prompt and answer together fit in this many tokens (None: the engine does not say).
+    context: int | None
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Token]:
+        """The tokens of one completion; the last carries the finish reason ('stop', 'length', 'error: ...')."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Counters for `/-/info`."""
+        ...
 
 
 @dataclass
@@ -81,6 +96,11 @@ class BatchGenerator:
         self.largest_batch = 0
         self.forward_passes = 0
         self.joined = 0  # requests that joined a running batch between its decode steps
+        # transformers 5.24 renamed past_key_values to cache; vLLM's releases pin an earlier 5.x.
+        takes_cache = "cache" in inspect.signature(model.forward).parameters
+        self._cache_keyword = "cache" if takes_cache else "past_key_values"
+        config = getattr(model, "config", None)
+        self.context: int | None = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         self._pending: list[_Row] = []
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="zerocopy-generation", daemon=True)
@@ -104,6 +124,14 @@ class BatchGenerator:
                     return
         finally:
             row.cancelled = True  # a disconnected client: its row leaves the batch at the next step
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": "transformers",
+            "largest_batch": self.largest_batch,
+            "forward_passes": self.forward_passes,
+            "joined_running_batch": self.joined,
+        }
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -133,7 +161,7 @@ class BatchGenerator:
 
     def _forward(self, inputs: dict[str, Any], cache: Any) -> Any:
         self.forward_passes += 1
-        return self.model(**inputs, cache=cache, use_cache=True)
+        return self.model(**inputs, **{self._cache_keyword: cache}, use_cache=True)
 
     def _prefill(self, rows: list[_Row]) -> _Batch | None:
         """The prompts' forward pass, which also picks each row's first token."""
@@ -150,7 +178,7 @@ class BatchGenerator:
 
     def _after(self, batch: _Batch, output: Any) -> _Batch | None:
         """Send each row its token; rows that finished leave, and the rest get their next step's inputs."""
-        batch.cache = output.cache
+        batch.cache = getattr(output, self._cache_keyword)
         chosen = self._choose(output.logits[:, -1, :], batch.rows)
         keep: list[int] = []
         for slot, (row, token) in enumerate(zip(batch.rows, chosen.tolist(), strict=True)):

@@ -44,7 +44,8 @@ def preflight(args: AppArgs) -> Path:
     path = local_path(args.model)
     verify(path, args.model)
     load_mapped(path)
-    architecture_factory(args.model.architecture, path)  # imports the factory or checks the class; builds nothing
+    if args.model.architecture is not None:  # imports the factory or checks the class; builds nothing
+        architecture_factory(args.model.architecture, path)
     if args.task != "tensor":
         load_tokenizer(model_folder(path))  # text tasks need the model's own tokenizer
     return path

@@ -131,20 +131,36 @@ class ZeroCopyDeployment:
         self.handler = load_handler(self.args.handler)
         device = self.args.device
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
         self.metrics = ReplicaMetrics(self.args.name, self.args.handler)
         self.reattached = 0
         self.text: TextEngine | None = None
-        self._attach()
-        if self.args.task != "tensor":
-            batching = (self.args.batching.max_batch_size, self.args.batching.batch_wait_timeout_s)
-            folder = model_folder(local_path(self.args.model))
-            self.text = TextEngine(self.args.task, self.model, folder, self.args.name, batching)
+        self.vllm: Any = None
+        batching = (self.args.batching.max_batch_size, self.args.batching.batch_wait_timeout_s)
+        folder = model_folder(local_path(self.args.model))
+        if self.args.engine == "vllm":
+            self._start_vllm(folder, batching)
+        else:
+            assert self.args.model.architecture is not None  # AppArgs requires it for this engine
+            self.factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
+            self._attach()
+            if self.args.task != "tensor":
+                self.text = TextEngine(self.args.task, self.model, folder, self.args.name, batching)
         release_unused_revisions(self.args.name, keep=self.published.name)
         self.largest_batch = 0
         # serve.batch methods carry these setters; its type stubs do not say so.
         self.batched.set_max_batch_size(self.args.batching.max_batch_size)  # type: ignore[attr-defined]
         self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    def _start_vllm(self, folder: Any, batching: tuple[int, float]) -> None:
+        """vLLM's engine, loading this revision's published weights (its own processes attach to them)."""
+        from ._vllm import VllmGenerator
+
+        self.published = find_or_publish(self.args)
+        _register_replica(self.published)
+        self.vllm = VllmGenerator(self.args, self.published, folder)
+        self.report, self.fingerprint = self.vllm.report, 0
+        self.metrics.attached(self.report.attach_seconds, self.report.bytes_shared)
+        self.text = TextEngine(self.args.task, None, folder, self.args.name, batching, self.vllm)
 
     def _attach(self) -> None:
         """Find (or publish) this revision's weights and point a fresh model at them."""
@@ -252,6 +268,11 @@ class ZeroCopyDeployment:
             **(self.text.info() if self.text is not None else {"task": "tensor"}),
         }
 
+    def __del__(self) -> None:
+        """Serve's shutdown hook: vLLM's engine processes go with the replica."""
+        if getattr(self, "vllm", None) is not None:
+            self.vllm.shutdown()
+
     def check_health(self) -> None:
         """Serve restarts a replica whose weights are no longer intact; a lost owner is replaced in place.
 
@@ -260,6 +281,10 @@ class ZeroCopyDeployment:
         re-attaches instead of failing: the first replica on the node to notice
         publishes again, the others wait for that copy, and no replica stops serving.
         """
+        if self.vllm is not None:  # vLLM holds its own copy: the engine's life is what matters here
+            self.vllm.check()
+            release_unused_revisions(self.args.name, keep=self.published.name)
+            return
         try:
             current: PublishedModel | None = lookup(self.published.name)
         except WeightsNotFoundError:

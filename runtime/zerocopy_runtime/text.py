@@ -20,7 +20,7 @@ from torch import nn
 
 from . import openai_protocol as api
 from ._errors import CheckpointError
-from .generation import BatchGenerator, SamplingParams, decoder_start_token
+from .generation import BatchGenerator, SamplingParams, TokenGenerator, decoder_start_token
 
 GENERATION_TASKS = ("text-generation", "text2text-generation")
 
@@ -48,20 +48,36 @@ def load_tokenizer(folder: Path) -> Any:
 
 class TextEngine:
     """One replica's text routes: a causal LM (`text-generation`), an encoder-decoder (`text2text-generation`)
-    or an encoder (`embeddings`)."""
+    or an encoder (`embeddings`).
 
-    def __init__(self, task: str, model: nn.Module, folder: Path, name: str, batch: tuple[int, float]) -> None:
+    The tokens come from a `TokenGenerator`: the runtime's own batch generator on
+    the attached model, or another engine (vLLM) passed in with no model here at all.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        model: nn.Module | None,
+        folder: Path,
+        name: str,
+        batch: tuple[int, float],
+        generator: TokenGenerator | None = None,
+    ) -> None:
         self.task, self.model, self.name = task, model, name
         self.created = int(time.time())
         self.tokenizer = load_tokenizer(folder)
         config = getattr(model, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-        if task in GENERATION_TASKS:
+        if generator is not None:
+            self.generator: TokenGenerator | None = generator
+            self.context = generator.context
+        elif task in GENERATION_TASKS:
+            assert model is not None
             _check_kind(task, model, self.seq2seq)
             eos = _eos_ids(folder, self.tokenizer)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
-            self.generator: BatchGenerator | None = BatchGenerator(
+            self.generator = BatchGenerator(
                 model, eos, pad, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), *batch
             )
         else:
@@ -71,7 +87,7 @@ class TextEngine:
     def use(self, model: nn.Module) -> None:
         """Serve from a re-attached copy of the weights from now on."""
         self.model = model
-        if self.generator is not None:
+        if isinstance(self.generator, BatchGenerator):
             self.generator.model = model
 
     # --- the routes -------------------------------------------------------------------------------------------
@@ -118,6 +134,7 @@ class TextEngine:
     def embeddings(self, body: Any) -> dict[str, Any]:
         request = api.parse(api.EmbeddingRequest, body)
         self._needs(("embeddings",), "/v1/embeddings")
+        assert self.model is not None
         encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
         if request.dimensions is not None:
             raise api.ApiError(400, "dimensions is not supported: the model's embedding size is fixed", "dimensions")
@@ -212,14 +229,7 @@ class TextEngine:
         yield "data: [DONE]\n\n"
 
     def info(self) -> dict[str, Any]:
-        generator = self.generator
-        return {
-            "task": self.task,
-            "context_length": self.context,
-            "largest_batch": generator.largest_batch if generator else 0,
-            "forward_passes": generator.forward_passes if generator else 0,
-            "joined_running_batch": generator.joined if generator else 0,
-        }
+        return {"task": self.task, "context_length": self.context, **(self.generator.info() if self.generator else {})}
 
 
 def _check_kind(task: str, model: nn.Module, seq2seq: bool) -> None:

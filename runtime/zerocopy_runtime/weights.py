@@ -253,7 +253,25 @@ def attach(
     """
     handle = model if isinstance(model, PublishedModel) else lookup(model, namespace=namespace)
     with _gc_paused():
-        return _attach(handle, factory, device, write_guard, strict)
+        obj, report = _attach(handle, factory, write_guard, strict, flat=False)
+    if torch.device(device).type != "cpu":
+        obj = move_to(obj, device)
+    _remember(obj, report)
+    return obj
+
+
+def attach_tensors(
+    model: PublishedModel | str, *, write_guard: bool = True, namespace: str = NAMESPACE
+) -> tuple[dict[str, torch.Tensor], AttachReport]:
+    """Every published tensor by name, as read-only views of the store, with the attach's report.
+
+    For engines that build their own modules and take weights as (name, tensor)
+    pairs (vLLM's `load_weights`), whatever the weights were published from.
+    """
+    handle = model if isinstance(model, PublishedModel) else lookup(model, namespace=namespace)
+    with _gc_paused():
+        tensors, report = _attach(handle, None, write_guard, strict=True, flat=True)
+    return tensors, report
 
 
 @contextmanager
@@ -270,12 +288,8 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _attach(
-    handle: PublishedModel,
-    factory: Callable[[], nn.Module] | None,
-    device: str | torch.device,
-    write_guard: bool,
-    strict: bool,
-) -> Any:
+    handle: PublishedModel, factory: Callable[[], nn.Module] | None, write_guard: bool, strict: bool, flat: bool
+) -> tuple[Any, AttachReport]:
     started = time.perf_counter()
     manifest = handle.manifest
     chunk_arrays = ray.get(list(handle.refs))
@@ -288,7 +302,7 @@ def _attach(
     tensors = [_tensor(rec, storages[rec.storage]) for rec in manifest.tensors]
     if factory is not None:
         obj: Any = _assign(factory, manifest, tensors, strict)
-    elif manifest.skeleton is not None:
+    elif manifest.skeleton is not None and not flat:
         obj = load_skeleton(manifest.skeleton, tensors)
     else:
         obj = {name: tensors[i] for name, i in manifest.by_name().items()}
@@ -303,10 +317,7 @@ def _attach(
         pid=os.getpid(),
         node_id=ray.get_runtime_context().get_node_id(),
     )
-    if torch.device(device).type != "cpu":
-        obj = move_to(obj, device)
-    _remember(obj, report)
-    return obj
+    return obj, report
 
 
 def attach_report(obj: Any) -> AttachReport:
