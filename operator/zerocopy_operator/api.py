@@ -127,9 +127,9 @@ class Serving(ReplicaSettings):
         *REPLICA_RULES,
         ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both"),
         (
-            "!has(self.engine) || self.engine != 'vllm' || !has(self.gpusPerReplica) || self.gpusPerReplica == 0.0 || "
-            "self.gpusPerReplica == double(has(self.vllm) && has(self.vllm.tensorParallelSize) ? "
-            "self.vllm.tensorParallelSize : 1)",
+            "!has(self.engine) || self.engine != 'vllm' || !has(self.gpusPerReplica) || "
+            "double(self.gpusPerReplica) == 0.0 || double(self.gpusPerReplica) == "
+            "double(has(self.vllm) && has(self.vllm.tensorParallelSize) ? self.vllm.tensorParallelSize : 1)",
             "serving.gpusPerReplica must be 0 or equal vllm.tensorParallelSize (an engine takes that many whole GPUs)",
         ),
     )

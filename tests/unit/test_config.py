@@ -32,7 +32,7 @@ def test_the_spec_is_composed_of_the_runtimes_own_classes() -> None:
     assert issubclass(AppArgs, ReplicaSettings)
     fields = ZeroCopyModelSpec.model_fields
     assert fields["model"].annotation is Model
-    assert Model.model_fields["architecture"].annotation is Architecture
+    assert Model.model_fields["architecture"].annotation == Architecture | None
     assert Serving.model_fields["batching"].annotation is Batching
 
 
