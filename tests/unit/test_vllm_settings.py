@@ -48,8 +48,8 @@ def test_a_vllm_model_needs_no_architecture_and_passes_both_sides() -> None:
     [
         ({"task": "embeddings"}, "engine vllm serves task text-generation"),
         ({"engine": "transformers"}, "serving.vllm settings go with engine: vllm"),
-        ({"gpusPerReplica": 1}, "must be 0 or equal vllm.tensorParallelSize"),
-        ({"vllm": None, "gpusPerReplica": 2}, "must be 0 or equal vllm.tensorParallelSize"),
+        ({"gpusPerReplica": 1}, "or exactly vllm.tensorParallelSize"),
+        ({"vllm": None, "gpusPerReplica": 2}, "at most 1 for a one-GPU engine"),
     ],
     ids=["embeddings-on-vllm", "settings-without-engine", "gpus-not-tp", "default-tp-is-one"],
 )
@@ -62,6 +62,12 @@ def test_rules_across_fields_refuse_on_both_sides_with_one_message(change: dict[
     assert any(message in rule for rule in cel_violations(SCHEMA, apply_defaults(SCHEMA, copy.deepcopy(resource))))
     with pytest.raises(InvalidSpec, match=message):
         validate(resource)
+
+
+def test_one_gpu_engines_may_share_a_gpu() -> None:
+    resource = _with({"gpusPerReplica": 0.5, "vllm": {"gpuMemoryUtilization": 0.4}})
+    assert not cel_violations(SCHEMA, apply_defaults(SCHEMA, copy.deepcopy(resource)))
+    assert validate(resource).serving.gpus_per_replica == 0.5
 
 
 def test_engine_transformers_still_needs_an_architecture_on_both_sides() -> None:
