@@ -34,16 +34,19 @@ def main() -> None:
         print(f"model folder already at {TARGET}")
         return
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_file()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     # Dequantized already: the weights are plain float32 tensors, saved as such (save_pretrained refuses a
-    # model loaded from GGUF); save_model drops the tied lm_head copy that config.json re-ties.
+    # model loaded from GGUF). As in the hub's checkpoints, the tied lm_head is left out (config.json re-ties
+    # it to model.embed_tokens.weight), so that transformers and vLLM both read the file.
     TARGET.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(TARGET / "model.safetensors"))
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    weights = {name: t.contiguous() for name, t in model.state_dict().items() if name not in tied}
+    save_file(weights, str(TARGET / "model.safetensors"), metadata={"format": "pt"})
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.save_pretrained(TARGET)

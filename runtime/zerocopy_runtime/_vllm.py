@@ -89,41 +89,30 @@ def build_engine_args(args: AppArgs, folder: Path, loader: LoaderArgs, on_gpu: b
     return engine | settings.engine_args
 
 
+def start_engine(engine_args: dict[str, Any]) -> Any:
+    """vLLM's AsyncLLM from engine arguments, with a clear error for an argument vLLM does not take."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # the engine's processes talk over loopback only
+    if not torch.cuda.is_available():  # replicas share the node's cores; vLLM would pin every engine to the same ones
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    try:
+        parsed = AsyncEngineArgs(**engine_args)
+    except TypeError as exc:
+        raise ZeroCopyError(
+            f"serving.vllm.engineArgs: {exc}; use the Python names of vLLM's engine arguments (enforce_eager, "
+            "max_num_seqs, ...)."
+        ) from None
+    return AsyncLLM.from_engine_args(parsed)
+
+
 class VllmGenerator:
-    """A `TokenGenerator` on vLLM's AsyncLLM: continuous batching and paged attention are vLLM's."""
+    """A `TokenGenerator` on a running AsyncLLM: continuous batching and paged attention are vLLM's."""
 
-    def __init__(self, args: AppArgs, published: PublishedModel, folder: Path) -> None:
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # the engine's processes talk over loopback only
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:  # replicas share the node's cores; vLLM would pin every engine to the same ones
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"zerocopy-vllm-{args.name}-"))
-        self.folder = engine_folder(folder, self._workdir / "model")
-        self._report_path = self._workdir / "loaded.json"
-        loader = LoaderArgs(
-            weights=published.name,
-            namespace=published.namespace,
-            address=ray.get_runtime_context().gcs_address,
-            write_guard=args.write_guard,
-            report=str(self._report_path),
-        )
-        engine_args = build_engine_args(args, self.folder, loader, on_gpu)
-        try:
-            parsed = AsyncEngineArgs(**engine_args)
-        except TypeError as exc:
-            raise ZeroCopyError(
-                f"serving.vllm.engineArgs: {exc}; use the Python names of vLLM's engine arguments (enforce_eager, "
-                "max_num_seqs, ...)."
-            ) from None
-        self.engine = AsyncLLM.from_engine_args(parsed)
-        self.context: int | None = int(self.engine.model_config.max_model_len)
-        record = json.loads(self._report_path.read_text())
-        fields = {f.name for f in dataclasses.fields(AttachReport)}
-        self.report = AttachReport(**{k: v for k, v in record.items() if k in fields})
-        self.load_seconds = float(record["load_seconds"])
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.context: int | None = int(engine.model_config.max_model_len)
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Token]:
         from vllm import SamplingParams as VllmSampling
@@ -163,9 +152,34 @@ class VllmGenerator:
     def info(self) -> dict[str, Any]:
         import vllm
 
-        return {
-            "engine": "vllm",
-            "vllm_version": vllm.__version__,
+        return {"engine": "vllm", "vllm_version": vllm.__version__}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class PublishedVllm(VllmGenerator):
+    """vLLM started on this revision's published weights: its processes attach to them (`_vllm_loader`)."""
+
+    def __init__(self, args: AppArgs, published: PublishedModel, folder: Path) -> None:
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"zerocopy-vllm-{args.name}-"))
+        self.folder = engine_folder(folder, self._workdir / "model")
+        report = self._workdir / "loaded.json"
+        loader = LoaderArgs(
+            weights=published.name,
+            namespace=published.namespace,
+            address=ray.get_runtime_context().gcs_address,
+            write_guard=args.write_guard,
+            report=str(report),
+        )
+        super().__init__(start_engine(build_engine_args(args, self.folder, loader, torch.cuda.is_available())))
+        record = json.loads(report.read_text())
+        fields = {f.name for f in dataclasses.fields(AttachReport)}
+        self.report = AttachReport(**{k: v for k, v in record.items() if k in fields})
+        self.load_seconds = float(record["load_seconds"])
+
+    def info(self) -> dict[str, Any]:
+        return super().info() | {
             "load_format": LOAD_FORMAT,
             "engine_folder": str(self.folder),
             "engine_folder_files": sorted(p.name for p in self.folder.iterdir()),
@@ -174,5 +188,5 @@ class VllmGenerator:
         }
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        super().shutdown()
         shutil.rmtree(self._workdir, ignore_errors=True)

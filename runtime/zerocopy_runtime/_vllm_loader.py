@@ -44,6 +44,7 @@ class ZeroCopyLoader(BaseModelLoader):
             ray.init(address=args.address, namespace=args.namespace, log_to_driver=False, logging_level=logging.ERROR)
         try:
             tensors, report = attach_tensors(args.weights, write_guard=args.write_guard, namespace=args.namespace)
+            _name_tied(tensors, model_config)
             expected = {name for name, _ in model.named_parameters()}
             vllm_model: Any = model  # vLLM's models all have load_weights; nn.Module's type does not say so
             loaded = vllm_model.load_weights(iter(tensors.items()))
@@ -59,6 +60,19 @@ class ZeroCopyLoader(BaseModelLoader):
             )
         record = dataclasses.asdict(report) | {"load_seconds": time.perf_counter() - started}
         Path(args.report).write_text(json.dumps(record))
+
+
+def _name_tied(tensors: dict[str, Any], model_config: ModelConfig) -> None:
+    """Give a tied weight saved under one name only the name vLLM reads (`lm_head.weight` without
+    `model.embed_tokens.weight`: vLLM skips the head of a tied model and finds no embedding).
+    The ties are transformers' own declaration for the architecture."""
+    import transformers
+
+    for architecture in getattr(model_config.hf_config, "architectures", None) or []:
+        ties = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None)
+        for target, source in (ties or {}).items() if isinstance(ties, dict) else []:
+            if target in tensors and source not in tensors:
+                tensors[source] = tensors[target]
 
 
 def register() -> None:

@@ -127,6 +127,7 @@ class ZeroCopyDeployment:
     """One replica: attaches in its constructor, serves JSON over HTTP."""
 
     def __init__(self, args: dict[str, Any]) -> None:
+        started = time.perf_counter()
         self.args = AppArgs.model_validate(args)
         self.handler = load_handler(self.args.handler)
         device = self.args.device
@@ -150,14 +151,15 @@ class ZeroCopyDeployment:
         # serve.batch methods carry these setters; its type stubs do not say so.
         self.batched.set_max_batch_size(self.args.batching.max_batch_size)  # type: ignore[attr-defined]
         self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
 
     def _start_vllm(self, folder: Any, batching: tuple[int, float]) -> None:
         """vLLM's engine, loading this revision's published weights (its own processes attach to them)."""
-        from ._vllm import VllmGenerator
+        from ._vllm import PublishedVllm
 
         self.published = find_or_publish(self.args)
         _register_replica(self.published)
-        self.vllm = VllmGenerator(self.args, self.published, folder)
+        self.vllm = PublishedVllm(self.args, self.published, folder)
         self.report, self.fingerprint = self.vllm.report, 0
         self.metrics.attached(self.report.attach_seconds, self.report.bytes_shared)
         self.text = TextEngine(self.args.task, None, folder, self.args.name, batching, self.vllm)
@@ -265,6 +267,7 @@ class ZeroCopyDeployment:
             "max_batch_size": self.args.batching.max_batch_size,
             "largest_batch": self.largest_batch,
             "reattached": self.reattached,
+            "startup_seconds": self.startup_seconds,
             **(self.text.info() if self.text is not None else {"task": "tensor"}),
         }
 

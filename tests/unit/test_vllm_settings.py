@@ -124,3 +124,18 @@ def test_the_engine_folder_links_config_and_tokenizer_but_no_weights(tmp_path: P
     (model / "config.json").unlink()
     with pytest.raises(ZeroCopyError, match="has none: save the model with save_pretrained"):
         engine_folder(model, tmp_path / "again")
+
+
+def test_a_tied_weight_saved_under_the_head_name_gets_the_embedding_name_vllm_reads() -> None:
+    pytest.importorskip("vllm", reason="vLLM is not installed (README, Testing)")
+    from types import SimpleNamespace
+
+    from zerocopy_runtime._vllm_loader import _name_tied
+
+    head = object()
+    tensors: dict[str, Any] = {"lm_head.weight": head, "model.norm.weight": object()}
+    _name_tied(tensors, SimpleNamespace(hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"])))  # type: ignore[arg-type]
+    assert tensors["model.embed_tokens.weight"] is head
+    untied = {"model.embed_tokens.weight": object(), "lm_head.weight": object()}
+    _name_tied(untied, SimpleNamespace(hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"])))  # type: ignore[arg-type]
+    assert untied["model.embed_tokens.weight"] is not untied["lm_head.weight"]  # both given: nothing renamed
