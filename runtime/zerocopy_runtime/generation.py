@@ -99,8 +99,7 @@ class BatchGenerator:
         # transformers 5.24 renamed past_key_values to cache; vLLM's releases pin an earlier 5.x.
         takes_cache = "cache" in inspect.signature(model.forward).parameters
         self._cache_keyword = "cache" if takes_cache else "past_key_values"
-        config = getattr(model, "config", None)
-        self.context: int | None = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        self.context = context_length(model)
         self._pending: list[_Row] = []
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="zerocopy-generation", daemon=True)
@@ -340,6 +339,12 @@ class _Seq2SeqSteps:
             "attention_mask": self.mask,
             "decoder_input_ids": chosen.unsqueeze(-1),
         }
+
+
+def context_length(model: nn.Module | None) -> int | None:
+    """The model's context (max_position_embeddings in its config), None when it does not say."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", 0) or 0) or None
 
 
 def decoder_start_token(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -153,7 +154,7 @@ class ZeroCopyDeployment:
         self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
 
-    def _start_vllm(self, folder: Any, batching: tuple[int, float]) -> None:
+    def _start_vllm(self, folder: Path, batching: tuple[int, float]) -> None:
         """vLLM's engine, loading this revision's published weights (its own processes attach to them)."""
         from ._vllm import PublishedVllm
 

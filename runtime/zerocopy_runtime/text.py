@@ -20,7 +20,7 @@ from torch import nn
 
 from . import openai_protocol as api
 from ._errors import CheckpointError
-from .generation import BatchGenerator, SamplingParams, TokenGenerator, decoder_start_token
+from .generation import BatchGenerator, SamplingParams, TokenGenerator, context_length, decoder_start_token
 
 GENERATION_TASKS = ("text-generation", "text2text-generation")
 
@@ -66,12 +66,10 @@ class TextEngine:
         self.task, self.model, self.name = task, model, name
         self.created = int(time.time())
         self.tokenizer = load_tokenizer(folder)
-        config = getattr(model, "config", None)
-        self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
-        self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        self.context = generator.context if generator is not None else context_length(model)
+        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         if generator is not None:
             self.generator: TokenGenerator | None = generator
-            self.context = generator.context
         elif task in GENERATION_TASKS:
             assert model is not None
             _check_kind(task, model, self.seq2seq)

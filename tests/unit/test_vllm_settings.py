@@ -139,3 +139,11 @@ def test_a_tied_weight_saved_under_the_head_name_gets_the_embedding_name_vllm_re
     untied = {"model.embed_tokens.weight": object(), "lm_head.weight": object()}
     _name_tied(untied, SimpleNamespace(hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"])))  # type: ignore[arg-type]
     assert untied["model.embed_tokens.weight"] is not untied["lm_head.weight"]  # both given: nothing renamed
+
+
+def test_an_engine_argument_vllm_does_not_take_is_named_with_the_fix() -> None:
+    pytest.importorskip("vllm", reason="vLLM is not installed (README, Testing)")
+    from zerocopy_runtime._vllm import start_engine
+
+    with pytest.raises(ZeroCopyError, match=r"serving\.vllm\.engineArgs: .*max_num_sequences.*Python names"):
+        start_engine({"model": "/nowhere", "max_num_sequences": 8})
