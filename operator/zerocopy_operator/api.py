@@ -12,7 +12,7 @@ validate its arguments without importing the operator.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
@@ -32,12 +32,15 @@ VERSION = "v1alpha1"
 KIND = "ZeroCopyModel"
 PLURAL = "zerocopymodels"
 SHORT_NAME = "zcm"
+CLUSTER_KIND = "ZeroCopyCluster"
+CLUSTER_PLURAL = "zerocopyclusters"
+CLUSTER_SHORT_NAME = "zcc"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 #: The Ray version the runtime image is built for; a cluster may pin another.
 DEFAULT_RAY_VERSION = "2.60.0"
 #: KubeRay refuses RayServices with longer names (it derives RayCluster and Service names from them),
-#: and the RayService takes the model's name.
+#: and the RayService takes the model's (or the cluster resource's) name.
 MAX_NAME_LENGTH = 47
 #: A DNS-1035 label, as KubeRay requires of RayService names (a letter first).
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -234,7 +237,7 @@ class WorkerGroup(_Spec):
 
 
 class Cluster(_Spec):
-    """The Ray cluster KubeRay runs for this model."""
+    """The Ray cluster KubeRay runs: a model's own (`spec.cluster`), or a ZeroCopyCluster's that models share."""
 
     ray_version: str = Field(default=DEFAULT_RAY_VERSION, pattern=r"^\d+\.\d+\.\d+$")
     image: str | None = Field(
@@ -285,32 +288,91 @@ class UpgradeStrategy(_Spec):
         return self
 
 
+_INCREMENTAL_MESSAGE = (
+    "upgradeStrategy NewClusterWithIncrementalUpgrade needs {where}enableInTreeAutoscaling: true (KubeRay)"
+)
+
+
+def _incremental_rule(where: str) -> tuple[str, str]:
+    """KubeRay's rule for incremental upgrades, on a spec whose cluster fields sit at `self.<where>`."""
+    path = f"self.{where}" if where else "self"
+    has_field = f"has({path}) && " if where else ""
+    return (
+        "!has(self.upgradeStrategy) || !has(self.upgradeStrategy.type) || "
+        "self.upgradeStrategy.type != 'NewClusterWithIncrementalUpgrade' || "
+        f"({has_field}has({path}.enableInTreeAutoscaling) && {path}.enableInTreeAutoscaling)",
+        _INCREMENTAL_MESSAGE.format(where=f"{where}." if where else ""),
+    )
+
+
+def _check_incremental(strategy: UpgradeStrategy, cluster: Cluster, where: str) -> None:
+    if strategy.type == "NewClusterWithIncrementalUpgrade" and not cluster.enable_in_tree_autoscaling:
+        raise ValueError(_INCREMENTAL_MESSAGE.format(where=where))
+
+
+class ClusterRef(_Spec):
+    """A ZeroCopyCluster in the model's namespace: the model runs there as one Serve application of several."""
+
+    name: str = Field(
+        min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN, description="The ZeroCopyCluster's name."
+    )
+
+
+_CLUSTER_REF_MESSAGE = (
+    "spec.clusterRef takes the cluster and its upgrade strategy from the ZeroCopyCluster: remove spec.cluster and "
+    "spec.upgradeStrategy (or remove spec.clusterRef to give the model a cluster of its own)"
+)
+
+
 class ZeroCopyModelSpec(_Spec):
     """A PyTorch model served on Ray with its weights held once per node."""
 
     model_config = cel(
-        (
-            "!has(self.upgradeStrategy) || !has(self.upgradeStrategy.type) || "
-            "self.upgradeStrategy.type != 'NewClusterWithIncrementalUpgrade' || "
-            "(has(self.cluster) && has(self.cluster.enableInTreeAutoscaling) && self.cluster.enableInTreeAutoscaling)",
-            "upgradeStrategy NewClusterWithIncrementalUpgrade needs cluster.enableInTreeAutoscaling: true (KubeRay)",
-        ),
+        _incremental_rule("cluster"),
         BUILDABLE_RULE,
+        ("!has(self.clusterRef) || (!has(self.cluster) && !has(self.upgradeStrategy))", _CLUSTER_REF_MESSAGE),
     )
 
     model: Model
     serving: Serving = Field(default_factory=Serving)
-    cluster: Cluster = Field(default_factory=Cluster)
+    cluster: Cluster = Field(
+        default_factory=Cluster, description="The model's own Ray cluster; not with clusterRef. Default: one GPU pod."
+    )
     upgrade_strategy: UpgradeStrategy = Field(default_factory=UpgradeStrategy)
+    cluster_ref: ClusterRef | None = Field(
+        default=None, description="Serve on this ZeroCopyCluster, beside other models, instead of an own cluster."
+    )
 
     @model_validator(mode="after")
     def _incremental_needs_autoscaler(self) -> ZeroCopyModelSpec:
-        incremental = self.upgrade_strategy.type == "NewClusterWithIncrementalUpgrade"
-        if incremental and not self.cluster.enable_in_tree_autoscaling:
-            raise ValueError(
-                "upgradeStrategy NewClusterWithIncrementalUpgrade needs cluster.enableInTreeAutoscaling: true (KubeRay)"
-            )
+        if self.cluster_ref is not None and {"cluster", "upgrade_strategy"} & self.model_fields_set:
+            raise ValueError(_CLUSTER_REF_MESSAGE)
+        _check_incremental(self.upgrade_strategy, self.cluster, "cluster.")
         check_buildable(self.model, self.serving.engine)
+        return self
+
+
+class ZeroCopyClusterSpec(Cluster):
+    """A Ray cluster that ZeroCopyModels share: one RayService, one Serve application per model that names it.
+
+    Serve deploys, upgrades and deletes each application on its own, so a
+    change to one model never restarts another's replicas, and the cluster
+    itself is replaced only when its own shape changes.
+    """
+
+    model_config = cel(_incremental_rule(""))
+
+    upgrade_strategy: UpgradeStrategy = Field(default_factory=UpgradeStrategy)
+    credentials_secrets: list[SecretReference] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Secrets whose keys become environment variables of every pod: list each one a model's "
+        "model.credentialsSecret names (pods are shared, so a model cannot add its own).",
+    )
+
+    @model_validator(mode="after")
+    def _incremental_needs_autoscaler(self) -> ZeroCopyClusterSpec:
+        _check_incremental(self.upgrade_strategy, self, "")
         return self
 
 
@@ -348,7 +410,8 @@ class ZeroCopyModelStatus(_Spec):
     observed_generation: int | None = None
     phase: Literal["Pending", "Provisioning", "Ready", "Upgrading", "Failed"] | None = None
     conditions: list[Condition] = Field(default_factory=list, description="Ready first, then Cluster, Weights, Serve.")
-    ray_service: str | None = Field(default=None, description="The RayService this model runs as.")
+    ray_service: str | None = Field(default=None, description="The RayService this model runs in.")
+    cluster: str | None = Field(default=None, description="The ZeroCopyCluster it runs on (spec.clusterRef).")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the model's route.")
     task: str | None = Field(default=None, description="What the replicas serve: spec.serving.task.")
     openai_base_url: str | None = Field(default=None, description="base_url for OpenAI clients (text tasks).")
@@ -358,13 +421,67 @@ class ZeroCopyModelStatus(_Spec):
     desired_replicas: int | None = None
 
 
+class ClusterModel(_Spec):
+    """One model that names the cluster: served as an application, or refused with the reason."""
+
+    name: str
+    route: str | None = None
+    application: str | None = Field(default=None, description="Serve's status of its application (RUNNING, ...).")
+    ready: bool = False
+    weights_bytes: int | None = Field(default=None, description="Its weights: what its replicas report, or size.")
+    message: str = ""
+
+
+class ObjectStoreUse(_Spec):
+    """How much of one worker group's per-pod object store the weights of the models that may land there take."""
+
+    group: str
+    capacity_bytes: int
+    weights_bytes: int
+    models: list[str] = Field(default_factory=list)
+
+
+class ZeroCopyClusterStatus(_Spec):
+    """The shared cluster at a glance: its readiness, the models it serves, its object stores' use."""
+
+    model_config = api_config(extra="allow")
+
+    observed_generation: int | None = None
+    phase: Literal["Pending", "Provisioning", "Ready", "Upgrading", "Failed"] | None = None
+    conditions: list[Condition] = Field(default_factory=list, description="Ready first, then ClusterReady.")
+    ray_service: str | None = Field(default=None, description="The RayService the cluster runs as.")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of its Serve service; models add routes.")
+    models: list[ClusterModel] = Field(default_factory=list)
+    models_ready: str | None = Field(default=None, description="Models serving / models naming it, for `kubectl get`.")
+    object_store: list[ObjectStoreUse] = Field(default_factory=list)
+    object_store_summary: str | None = Field(default=None, description="Per group: weights / capacity per pod.")
+
+
+_READY_COLUMN: dict[str, Any] = {
+    "name": "Ready",
+    "type": "string",
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+}
+_AGE_COLUMN: dict[str, Any] = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
 #: Columns of `kubectl get zcm`.
-PRINTER_COLUMNS = [
-    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    _READY_COLUMN,
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Replicas", "type": "string", "jsonPath": ".status.replicas"},
+    {"name": "Cluster", "type": "string", "jsonPath": ".spec.clusterRef.name", "priority": 1},
     {"name": "Task", "type": "string", "jsonPath": ".spec.serving.task", "priority": 1},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    _AGE_COLUMN,
+]
+
+#: Columns of `kubectl get zcc`.
+CLUSTER_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    _READY_COLUMN,
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Models", "type": "string", "jsonPath": ".status.modelsReady"},
+    {"name": "Object-Store", "type": "string", "jsonPath": ".status.objectStoreSummary"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
+    _AGE_COLUMN,
 ]

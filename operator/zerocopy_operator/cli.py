@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         help="show the traceback of a failure (env ZEROCOPY_DEBUG=1)",
     )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a ZeroCopyModel file on a local (or given) Ray cluster")
-    serve.add_argument("file", type=Path, help="ZeroCopyModel YAML, as you would kubectl apply it")
+    serve = commands.add_parser(
+        "serve", help="serve the ZeroCopyModels in FILE(s) on a local (or given) Ray cluster, one application each"
+    )
+    serve.add_argument("files", type=Path, nargs="+", help="ZeroCopyModel YAML, as you would kubectl apply it")
     serve.add_argument("--address", help="join this Ray cluster instead of starting one")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -39,11 +41,18 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument(
         "--cpu", action="store_true", help="run a model written for GPU workers on this machine's CPUs (no GPUs asked)"
     )
-    commands.add_parser("crd", help="print the ZeroCopyModel CRD generated from the API types")
-    render = commands.add_parser("render", help="print the RayService of each ZeroCopyModel in FILE (for GitOps)")
+    crd = commands.add_parser(
+        "crd", help="print the CRDs (ZeroCopyModel, ZeroCopyCluster) generated from the API types"
+    )
+    crd.add_argument("--out", type=Path, help="write one file per CRD into this folder instead")
+    render = commands.add_parser(
+        "render", help="print the RayService of each ZeroCopyModel and ZeroCopyCluster in FILE (for GitOps)"
+    )
     render.add_argument("file", type=Path)
     render.add_argument("--image", default=_env("ZEROCOPY_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE))
-    validate = commands.add_parser("validate", help="check ZeroCopyModel files offline: schema and semantics")
+    validate = commands.add_parser(
+        "validate", help="check ZeroCopyModel and ZeroCopyCluster files offline: schema and semantics"
+    )
     validate.add_argument("files", type=Path, nargs="+")
     add_operator_arguments(commands.add_parser("operator", help="run the Kubernetes operator"))
     args = parser.parse_args(argv)
@@ -59,15 +68,19 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one command; its exit status."""
     if args.command == "serve":
-        serve_file(
-            args.file, address=args.address, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
+        serve_files(
+            args.files, address=args.address, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
             cpu=args.cpu,
         )  # fmt: skip
         return 0
     if args.command == "crd":
-        from .crd import crd_yaml
+        from .crd import RESOURCES, crd_yaml, write_crds
 
-        sys.stdout.write(crd_yaml())
+        if args.out is not None:
+            for path in write_crds(args.out):
+                print(f"wrote {path}")
+        else:
+            sys.stdout.write("---\n".join(crd_yaml(resource) for resource in RESOURCES))
         return 0
     if args.command == "render":
         return render_files([args.file], args.image)
@@ -92,30 +105,42 @@ def describe(exc: Exception) -> str:
     return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)"
 
 
-def serve_file(
-    path: Path, *, address: str | None, host: str, port: int, dashboard_port: int, cpu: bool = False
+def serve_files(
+    paths: list[Path], *, address: str | None, host: str, port: int, dashboard_port: int, cpu: bool = False
 ) -> None:
-    """Validate the one ZeroCopyModel in `path`, build its Serve application as the operator would, run it."""
+    """Validate the ZeroCopyModels in `paths`, build their Serve applications as the operator would, run them.
+
+    The models share one Ray and one Serve, as on a ZeroCopyCluster (whose documents are skipped here: the
+    local machine is the cluster); routes must differ, as on a cluster.
+    """
     from .manifests import build_serve_application, route_prefix
 
-    models = [(p, d) for p, d in read_resources([path]) if d.get("kind") == "ZeroCopyModel"]
-    if len(models) != 1:
-        raise UserError(f"{path}: holds {len(models)} ZeroCopyModels; `zerocopy serve` takes a file with exactly one")
-    resource = _namespaced(models[0][1])
-    spec = _valid(path, resource)
-    if cpu:  # the resource stays as written for its cluster; only this local run changes
-        spec = spec.model_copy(
-            update={"serving": spec.serving.model_copy(update={"gpus_per_replica": 0, "device": "cpu"})}
+    documents = list(read_resources(paths))
+    models = [(p, _namespaced(d)) for p, d in documents if d.get("kind") == "ZeroCopyModel"]
+    if not models:
+        raise UserError(f"{', '.join(map(str, paths))}: holds no ZeroCopyModel; give the YAML of at least one")
+    folders = {p.resolve().parent for p, _ in models}
+    if len(folders) > 1:
+        raise UserError(
+            "the ZeroCopyModel files are in different folders: put them in one (relative model URIs and "
+            "architecture modules are taken against the resource's folder)"
         )
-    application = build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec))
+    applications = []
+    for path, resource in models:
+        spec = _valid(path, resource, [m for _, m in models])
+        if cpu:  # the resource stays as written for its cluster; only this local run changes
+            spec = spec.model_copy(
+                update={"serving": spec.serving.model_copy(update={"gpus_per_replica": 0, "device": "cpu"})}
+            )
+        applications.append(build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec)))
     try:
-        from zerocopy_runtime.local import serve_application
+        from zerocopy_runtime.local import serve_applications
     except ImportError as exc:
         raise UserError(
             f"`zerocopy serve` needs the runtime ({exc.name} is missing): pip install 'zerocopy-operator[runtime]'"
         ) from None
-    serve_application(
-        application, path.resolve().parent, address=address, host=host, port=port, dashboard_port=dashboard_port
+    serve_applications(
+        applications, folders.pop(), address=address, host=host, port=port, dashboard_port=dashboard_port
     )
 
 
@@ -125,10 +150,12 @@ def _valid(path: Path, resource: dict[str, Any], others: list[dict[str, Any]] | 
     try:
         return validate(resource, others or [])
     except InvalidSpec as exc:
-        name = (resource.get("metadata") or {}).get("name")
-        raise UserError(
-            f"{path}: ZeroCopyModel/{name} is invalid:\n" + "\n".join(f"  - {p}" for p in exc.problems)
-        ) from None
+        raise _invalid(path, resource, exc.problems) from None
+
+
+def _invalid(path: Path, resource: dict[str, Any], problems: list[str]) -> UserError:
+    name = (resource.get("metadata") or {}).get("name")
+    return UserError(f"{path}: {resource.get('kind')}/{name} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _env(name: str, default: str) -> str:
@@ -213,17 +240,26 @@ def read_resources(paths: list[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
 
 
 def validate_files(paths: list[Path]) -> int:
-    """Prints one line per resource; returns the exit status (1 if any resource is invalid)."""
-    from .validation import InvalidSpec, validate
+    """Prints one line per resource; returns the exit status (1 if any resource is invalid).
 
-    documents = list(read_resources(paths))
-    models = [_namespaced(doc) for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
+    A model on a ZeroCopyCluster given in the same files is checked as the operator places it there.
+    """
+    from .validation import InvalidSpec, validate, validate_cluster
+
+    documents = [(path, _namespaced(doc)) for path, doc in read_resources(paths)]
+    models = [doc for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
+    placed = _place(documents, models)
     failed = 0
-    for path, document in documents:
-        resource = _namespaced(document)
-        name = f"{path}: {document.get('kind')}/{resource['metadata'].get('name')}"
+    for path, resource in documents:
+        name = f"{path}: {resource.get('kind')}/{resource['metadata'].get('name')}"
         try:
-            validate(resource, _same_namespace(models, resource))
+            if resource.get("kind") == "ZeroCopyCluster":
+                validate_cluster(resource)
+            else:
+                validate(resource, _same_namespace(models, resource))
+                problems = placed.get(_key(resource))
+                if problems:
+                    raise InvalidSpec(problems)
         except InvalidSpec as exc:
             failed += 1
             print(f"{name}: invalid", *(f"  - {p}" for p in exc.problems), sep="\n")
@@ -232,17 +268,65 @@ def validate_files(paths: list[Path]) -> int:
     return 1 if failed else 0
 
 
-def render_files(paths: list[Path], image: str) -> int:
-    from .manifests import build_rayservice
+def _key(resource: dict[str, Any]) -> tuple[str, str]:
+    return resource["metadata"]["namespace"], str(resource["metadata"].get("name"))
 
-    documents = list(read_resources(paths))
-    models = [_namespaced(doc) for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
+
+def _place(
+    documents: list[tuple[Path, dict[str, Any]]], models: list[dict[str, Any]]
+) -> dict[tuple[str, str], list[str]]:
+    """The problems of each model on a ZeroCopyCluster of these files, as the operator's placement finds them."""
+    from .placement import plan_cluster
+    from .validation import InvalidSpec, validate_cluster
+
+    problems: dict[tuple[str, str], list[str]] = {}
+    for _, cluster in documents:
+        if cluster.get("kind") != "ZeroCopyCluster":
+            continue
+        try:
+            spec = validate_cluster(cluster)
+        except InvalidSpec:
+            continue  # reported on the cluster's own line
+        plan = plan_cluster(cluster["metadata"]["name"], spec, _same_namespace(models, cluster), {})
+        for member in plan.members:
+            problems[_key(member.resource)] = member.problems
+    return problems
+
+
+def render_files(paths: list[Path], image: str) -> int:
+    """The RayServices these files make: one per model with its own cluster, one per ZeroCopyCluster."""
+    from .manifests import build_cluster_rayservice, build_rayservice
+    from .placement import cluster_ref, plan_cluster
+    from .validation import InvalidSpec, validate_cluster
+
+    documents = [(path, _namespaced(doc)) for path, doc in read_resources(paths)]
+    models = [doc for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
+    clusters = {_key(doc) for _, doc in documents if doc.get("kind") == "ZeroCopyCluster"}
     rendered = []
-    for path, document in documents:
-        resource = _namespaced(document)
-        _valid(path, resource, _same_namespace(models, resource))
-        rayservice = build_rayservice(resource, image)
-        rayservice["metadata"]["namespace"] = resource["metadata"]["namespace"]
+    for path, resource in documents:
+        namespace, name = _key(resource)
+        if resource.get("kind") == "ZeroCopyCluster":
+            try:
+                spec = validate_cluster(resource)
+            except InvalidSpec as exc:
+                raise _invalid(path, resource, exc.problems) from None
+            plan = plan_cluster(name, spec, _same_namespace(models, resource), {})
+            for member in plan.members:
+                if member.problems:
+                    raise _invalid(path, member.resource, member.problems)
+            rayservice = build_cluster_rayservice(resource, plan.applications, image)
+        else:
+            _valid(path, resource, _same_namespace(models, resource))
+            ref = cluster_ref(resource)
+            if ref is not None:
+                if (namespace, ref) not in clusters:
+                    raise UserError(
+                        f"{path}: ZeroCopyModel/{name} runs on ZeroCopyCluster {ref}, which is not in the files "
+                        "given: render them together (the cluster's RayService holds the model's application)"
+                    )
+                continue  # rendered as one application of its cluster's RayService
+            rayservice = build_rayservice(resource, image)
+        rayservice["metadata"]["namespace"] = namespace
         rendered.append(rayservice)
     sys.stdout.write(yaml.dump_all(rendered, Dumper=_ReviewDumper, sort_keys=False, width=120))
     return 0

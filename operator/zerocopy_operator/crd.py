@@ -1,4 +1,4 @@
-"""The ZeroCopyModel CRD, generated from the API types (`zerocopy crd`).
+"""The CRDs (ZeroCopyModel, ZeroCopyCluster), generated from the API types (`zerocopy crd`).
 
 Pydantic writes JSON Schema; Kubernetes wants a structural OpenAPI v3
 schema. The differences are mechanical, and handled here: references are
@@ -8,11 +8,18 @@ their unknown fields, and exclusive bounds take the OpenAPI 3.0 form.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from .api import (
+    CLUSTER_KIND,
+    CLUSTER_PLURAL,
+    CLUSTER_PRINTER_COLUMNS,
+    CLUSTER_SHORT_NAME,
     GROUP,
     KIND,
     MAX_NAME_LENGTH,
@@ -21,6 +28,8 @@ from .api import (
     PRINTER_COLUMNS,
     SHORT_NAME,
     VERSION,
+    ZeroCopyClusterSpec,
+    ZeroCopyClusterStatus,
     ZeroCopyModelSpec,
     ZeroCopyModelStatus,
 )
@@ -32,25 +41,58 @@ _KEPT = {
 }  # fmt: skip
 
 
-def build_crd() -> dict[str, Any]:
-    """The CustomResourceDefinition of ZeroCopyModel, as `kubectl apply` takes it."""
-    spec = ZeroCopyModelSpec.model_json_schema(by_alias=True)
-    status = ZeroCopyModelStatus.model_json_schema(by_alias=True)
+@dataclass(frozen=True)
+class Resource:
+    """One of our kinds, as its CRD names and shapes it."""
+
+    kind: str
+    plural: str
+    short_name: str
+    spec: type[BaseModel]
+    status: type[BaseModel]
+    columns: list[dict[str, Any]]
+    description: str
+    #: What takes the resource's name, for the messages of the name rules.
+    named: str
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.plural}.{GROUP}.yaml"
+
+
+MODEL = Resource(
+    KIND, PLURAL, SHORT_NAME, ZeroCopyModelSpec, ZeroCopyModelStatus, PRINTER_COLUMNS,
+    "A PyTorch model served on Ray with its weights held once per node in the object store.",
+    "the model's RayService",
+)  # fmt: skip
+CLUSTER = Resource(
+    CLUSTER_KIND, CLUSTER_PLURAL, CLUSTER_SHORT_NAME, ZeroCopyClusterSpec, ZeroCopyClusterStatus,
+    CLUSTER_PRINTER_COLUMNS,
+    "A Ray cluster that ZeroCopyModels share, each as its own Serve application.",
+    "the cluster's RayService",
+)  # fmt: skip
+RESOURCES = (MODEL, CLUSTER)
+
+
+def build_crd(resource: Resource = MODEL) -> dict[str, Any]:
+    """The CustomResourceDefinition of one kind, as `kubectl apply` takes it."""
+    spec = resource.spec.model_json_schema(by_alias=True)
+    status = resource.status.model_json_schema(by_alias=True)
     schema = {
         "type": "object",
-        "description": "A PyTorch model served on Ray with its weights held once per node in the object store.",
+        "description": resource.description,
         "required": ["spec"],
         # The API server lets root rules read metadata.name: refuse at `kubectl apply` what KubeRay would refuse later.
         "x-kubernetes-validations": [
             {
                 "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: KubeRay refuses longer "
-                "RayService names, and the model's RayService takes its name",
+                f"RayService names, and {resource.named} takes its name",
             },
             {
                 "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
                 "message": "metadata.name must start with a letter: KubeRay requires a DNS-1035 label of RayService "
-                "names, and the model's RayService takes its name",
+                f"names, and {resource.named} takes its name",
             },
         ],
         "properties": {
@@ -64,15 +106,15 @@ def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{resource.plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": [SHORT_NAME],
+                "kind": resource.kind,
+                "listKind": f"{resource.kind}List",
+                "plural": resource.plural,
+                "singular": resource.kind.lower(),
+                "shortNames": [resource.short_name],
                 "categories": ["zerocopy"],
             },
             "scope": "Namespaced",
@@ -82,7 +124,7 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": resource.columns,
                     "schema": {"openAPIV3Schema": schema},
                 }
             ],
@@ -90,9 +132,22 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def crd_yaml() -> str:
-    header = "# Generated by `zerocopy crd` from zerocopy_operator.api; do not edit (a test fails on drift).\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def crd_yaml(resource: Resource = MODEL) -> str:
+    header = (
+        "# Generated by `zerocopy crd --out crds` from zerocopy_operator.api; do not edit (a test fails on drift).\n"
+    )
+    return header + yaml.safe_dump(build_crd(resource), sort_keys=False, width=120)
+
+
+def write_crds(folder: Path) -> list[Path]:
+    """Every CRD into `folder`, one file each (the committed crds/ and the chart's copy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for resource in RESOURCES:
+        path = folder / resource.file_name
+        path.write_text(crd_yaml(resource))
+        written.append(path)
+    return written
 
 
 def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""kopf handlers: thin translations from events to `reconcile` calls, and from outcomes to kopf's terms.
+"""kopf handlers: thin translations from events to `reconcile` and `clusters` calls, and outcomes to kopf's terms.
 
 A bad spec is a PermanentError (condition, Event, no retry until the spec
 changes); "not yet" and API hiccups are TemporaryErrors with a back-off.
 There are no deletion handlers and no timers, so kopf adds no finalizer:
-the RayService goes with its ZeroCopyModel by owner reference.
+a RayService goes with its ZeroCopyModel or ZeroCopyCluster by owner
+reference, and a deleted model's application goes with the next
+reconciliation of its cluster, which its deletion event starts.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from . import clusters as cl
 from . import reconcile as rc
-from .api import GROUP, PLURAL, VERSION
+from .api import CLUSTER_PLURAL, GROUP, PLURAL, VERSION
 from .kube import KUBERAY_CRD, RAY_GROUP, RAY_PLURAL, RAY_VERSION, Kube
-from .manifests import MODEL_LABEL
+from .manifests import CLUSTER_LABEL, MODEL_LABEL
+from .placement import cluster_ref
 from .status import REFUSED
 
 MODELS = (GROUP, VERSION, PLURAL)
+CLUSTERS = (GROUP, VERSION, CLUSTER_PLURAL)
 RAYSERVICES = (RAY_GROUP, RAY_VERSION, RAY_PLURAL)
 
 
@@ -48,11 +53,16 @@ def start(settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger | l
 @kopf.on.create(*MODELS)
 @kopf.on.update(*MODELS)
 def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
-    """Validate, build, adopt, apply, and write what was observed."""
+    """Validate, build, adopt, apply, and write what was observed; a model on a cluster has that cluster do it."""
     resource = _plain(body)
+    ref = cluster_ref(resource)
     try:
         spec = rc.check(memo.kube, resource)
+        if ref is not None:
+            _join_cluster(memo, body, resource, ref)
+            return
         action, _ = rc.apply(memo.kube, resource, memo.settings)
+        _leave_clusters(memo, resource)
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
@@ -62,12 +72,90 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> 
         status = rc.refused_status(resource, exc)
         patch.status.update(status)
         kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
+        if ref is not None:  # its cluster keeps serving its previous application and lists it as refused
+            _sync_quietly(memo, resource["metadata"]["namespace"], ref)
         raise kopf.PermanentError(str(exc)) from None
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.title(), message=f"RayService {resource['metadata']['name']} {action}"
         )
     patch.status.update(rc.observe(memo.kube, resource, spec, memo.settings))
+
+
+def _join_cluster(memo: Any, body: kopf.Body, resource: dict[str, Any], ref: str) -> None:
+    """Serve the model on its ZeroCopyCluster: drop a RayService of its own, have the cluster(s) reconcile."""
+    meta = resource["metadata"]
+    own = memo.kube.get_rayservice(meta["namespace"], meta["name"])
+    if own is not None and rc.owns(resource, own):  # it had a cluster of its own until this edit
+        memo.kube.delete_rayservice(meta["namespace"], meta["name"])
+    outcome = cl.sync_cluster(memo.kube, meta["namespace"], ref, memo.settings)
+    _leave_clusters(memo, resource, but=ref)
+    status = (outcome.models.get(meta["name"]) if outcome else None) or {}
+    ready: dict[str, Any] = next(iter(status.get("conditions") or []), {})
+    if ready.get("reason") in REFUSED:
+        kopf.warn(body, reason=ready["reason"], message=ready.get("message", ""))
+    elif outcome is not None and outcome.action != "unchanged":
+        kopf.event(body, type="Normal", reason="Scheduled", message=f"serving on ZeroCopyCluster {ref}")
+
+
+def _leave_clusters(memo: Any, resource: dict[str, Any], but: str | None = None) -> None:
+    """Reconcile the clusters that still list the model (it moved to another cluster, or to its own)."""
+    meta = resource["metadata"]
+    for name in cl.holding(memo.kube, meta["namespace"], meta["name"]):
+        if name != but:
+            cl.sync_cluster(memo.kube, meta["namespace"], name, memo.settings)
+
+
+def _sync_quietly(memo: Any, namespace: str, cluster: str) -> None:
+    """From an event: a failure is logged, and the cluster's own handler reports what is wrong with it."""
+    try:
+        cl.sync_cluster(memo.kube, namespace, cluster, memo.settings)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("Not reconciling ZeroCopyCluster %s/%s: %s", namespace, cluster, exc)
+
+
+@kopf.on.resume(*CLUSTERS)
+@kopf.on.create(*CLUSTERS)
+@kopf.on.update(*CLUSTERS)
+def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
+    """Validate, plan the models, build, adopt, apply, and write the cluster's and its models' statuses."""
+    resource = _plain(body)
+    namespace, name = resource["metadata"]["namespace"], resource["metadata"]["name"]
+    try:
+        outcome = cl.reconcile_cluster(memo.kube, resource, memo.settings)
+    except rc.NotOurs as exc:
+        kopf.warn(body, reason="Conflict", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=60) from None
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10) from None
+    except Exception as exc:  # a bad spec, or a bug
+        status = rc.refused_status(resource, exc)
+        patch.status.update(status)
+        kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
+        _sync_quietly(memo, namespace, name)  # its models say that they wait for the cluster to be fixed
+        raise kopf.PermanentError(str(exc)) from None
+    cl.write(memo.kube, namespace, resource, outcome, own=False)
+    if outcome.action != "unchanged":
+        kopf.event(body, type="Normal", reason=outcome.action.title(), message=f"RayService {name} {outcome.action}")
+    patch.status.update(outcome.status)
+
+
+@kopf.on.event(*CLUSTERS)
+def cluster_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    """A deleted cluster leaves its models waiting for it, each saying so."""
+    if event["type"] == "DELETED":
+        obj: dict[str, Any] = dict(event["object"])
+        meta = obj["metadata"]
+        _sync_quietly(memo, meta["namespace"], meta["name"])
+
+
+@kopf.on.event(*RAYSERVICES, labels={CLUSTER_LABEL: kopf.PRESENT})
+def cluster_rayservice_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    """Mirror KubeRay's progress into the cluster and each model's status; put back a RayService changed by hand."""
+    obj: dict[str, Any] = dict(event["object"])
+    meta = obj["metadata"]
+    cluster = (meta.get("labels") or {})[CLUSTER_LABEL]
+    _sync_quietly(memo, meta["namespace"], cluster)
 
 
 @kopf.on.event(*RAYSERVICES, labels={MODEL_LABEL: kopf.PRESENT})
@@ -77,6 +165,8 @@ def rayservice_event(event: kopf.RawEvent, memo: Any, logger: logging.Logger | l
     name, namespace = rc.owner_name(rayservice), rayservice["metadata"]["namespace"]
     resource = memo.kube.get_model(namespace, name) if name else None
     if resource is None or resource["metadata"].get("deletionTimestamp") or _refused(resource):
+        return
+    if cluster_ref(resource) is not None:  # the model moved onto a cluster and gave this RayService up
         return
     try:
         spec = rc.check(memo.kube, resource)
@@ -95,16 +185,22 @@ def rayservice_event(event: kopf.RawEvent, memo: Any, logger: logging.Logger | l
     except Exception as exc:  # the model's own handler reports these (a bad spec, a conflict, a bug)
         logger.warning("Not mirroring RayService %s/%s: %s", namespace, name, exc)
         return
-    if _changed(resource.get("status") or {}, status):
+    if cl.changed(resource.get("status") or {}, status):
         memo.kube.patch_model_status(namespace, resource["metadata"]["name"], status)
 
 
 @kopf.on.event(*MODELS)
 def model_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    """When a model goes, retry the namespace's models it was blocking (a route it held, for example)."""
+    """When a model goes, its cluster drops its application, and the models it was blocking are retried."""
     if event["type"] != "DELETED":
         return
-    namespace = event["object"]["metadata"]["namespace"]
+    deleted: dict[str, Any] = dict(event["object"])
+    namespace = deleted["metadata"]["namespace"]
+    affected = set(cl.holding(memo.kube, namespace, deleted["metadata"]["name"]))
+    if (ref := cluster_ref(deleted)) is not None:
+        affected.add(ref)
+    for cluster in sorted(affected):
+        _sync_quietly(memo, namespace, cluster)
     for other in memo.kube.list_models(namespace):
         if _refused(other):
             try:
@@ -124,11 +220,3 @@ def _refused(resource: dict[str, Any]) -> bool:
     status = resource.get("status") or {}
     ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     return ready.get("reason") in REFUSED and status.get("observedGeneration") == resource["metadata"].get("generation")
-
-
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    def strip(status: dict[str, Any]) -> dict[str, Any]:
-        conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []]
-        return {**status, "conditions": conditions}
-
-    return strip(old) != strip(new)

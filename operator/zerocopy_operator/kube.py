@@ -11,14 +11,14 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from .api import GROUP, PLURAL, VERSION
+from .api import CLUSTER_PLURAL, GROUP, PLURAL, VERSION
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayservices"
 KUBERAY_CRD = f"{RAY_PLURAL}.{RAY_GROUP}"
 
 
 class Kube:
-    """Typed-enough access to ZeroCopyModels, RayServices and CRDs."""
+    """Typed-enough access to ZeroCopyModels, ZeroCopyClusters, RayServices and CRDs."""
 
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         if api_client is None:
@@ -51,27 +51,52 @@ class Kube:
     def create_rayservice(self, namespace: str, body: dict[str, Any]) -> None:
         self._custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
 
+    def delete_rayservice(self, namespace: str, name: str) -> None:
+        """Gone already is fine: the garbage collector or a person may have been first."""
+        try:
+            self._custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def replace_rayservice(self, namespace: str, body: dict[str, Any]) -> None:
         """PUT with the caller's resourceVersion: a concurrent change fails with 409 instead of being lost."""
         name = body["metadata"]["name"]
         self._custom.replace_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body)
 
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(PLURAL, namespace, name)
+
+    def list_models(self, namespace: str) -> list[dict[str, Any]]:
+        return self._list(PLURAL, namespace)
+
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+    def get_cluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(CLUSTER_PLURAL, namespace, name)
+
+    def list_clusters(self, namespace: str) -> list[dict[str, Any]]:
+        return self._list(CLUSTER_PLURAL, namespace)
+
+    def patch_cluster_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CLUSTER_PLURAL, name, {"status": status}
+        )
+
+    def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            found: Any = self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            found: Any = self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
         return found
 
-    def list_models(self, namespace: str) -> list[dict[str, Any]]:
-        listed: Any = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    def _list(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        listed: Any = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
         items: list[dict[str, Any]] = listed.get("items", [])
         return items
-
-    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self._custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
 
     def annotate_model(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self._custom.patch_namespaced_custom_object(

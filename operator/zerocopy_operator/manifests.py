@@ -1,8 +1,10 @@
-"""Pure builders: a ZeroCopyModel in, the KubeRay RayService that serves it out. No I/O.
+"""Pure builders: a ZeroCopyModel (or a ZeroCopyCluster and its models) in, the KubeRay RayService out. No I/O.
 
 Model and serving settings land in `serveConfigV2`, which KubeRay applies to
 the running cluster in place; cluster shape lands in `rayClusterConfig`,
-which KubeRay rolls out by its upgrade strategy.
+which KubeRay rolls out by its upgrade strategy. A ZeroCopyCluster's
+RayService holds one Serve application per model: Serve redeploys only the
+applications whose config changed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ import yaml
 from zerocopy_runtime.config import AppArgs, ModelSource, ReplicaSettings, fields_of
 
 from . import quantity
-from .api import Cluster, Head, Serving, WorkerGroup, ZeroCopyModelSpec
+from .api import (
+    Cluster,
+    Head,
+    SecretReference,
+    Serving,
+    UpgradeStrategy,
+    WorkerGroup,
+    ZeroCopyClusterSpec,
+    ZeroCopyModelSpec,
+)
 
 #: The runtime's Serve application builder, as `serveConfigV2` imports it.
 IMPORT_PATH = "zerocopy_runtime.serve:build_app"
@@ -24,6 +35,7 @@ SERVE_PORT = 8000
 METRICS_PORT = {"name": "metrics", "containerPort": 8080}
 METRICS_PARAMS = {"metrics-export-port": str(METRICS_PORT["containerPort"])}
 MODEL_LABEL = "zerocopy.dev/model"
+CLUSTER_LABEL = "zerocopy.dev/cluster"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "zerocopy-operator"}
 #: /dev/shm holds the object store plus Ray's own scratch: this much more, at least.
 SHM_HEADROOM = 256 * 2**20
@@ -34,38 +46,80 @@ def parse_spec(resource: dict[str, Any]) -> ZeroCopyModelSpec:
     return ZeroCopyModelSpec.model_validate(resource.get("spec") or {})
 
 
+def parse_cluster_spec(resource: dict[str, Any]) -> ZeroCopyClusterSpec:
+    """A ZeroCopyCluster's typed spec; a pydantic ValidationError names every bad field."""
+    return ZeroCopyClusterSpec.model_validate(resource.get("spec") or {})
+
+
 def route_prefix(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
     return spec.serving.route_prefix or f"/{resource['metadata']['name']}"
 
 
+def service_name(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
+    """The RayService a model runs in: its own, or its ZeroCopyCluster's (each takes its owner's name)."""
+    return spec.cluster_ref.name if spec.cluster_ref is not None else str(resource["metadata"]["name"])
+
+
+def serve_url(namespace: str, rayservice: str) -> str:
+    """The Serve service KubeRay creates for a RayService, in the cluster's DNS."""
+    return f"http://{rayservice}-serve-svc.{namespace}.svc:{SERVE_PORT}"
+
+
 def endpoint(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
-    """The model's in-cluster URL, through the Serve service KubeRay creates for the RayService."""
-    meta = resource["metadata"]
-    return f"http://{meta['name']}-serve-svc.{meta['namespace']}.svc:{SERVE_PORT}{route_prefix(resource, spec)}"
+    """The model's in-cluster URL: its route on the Serve service of the RayService it runs in."""
+    base = serve_url(resource["metadata"]["namespace"], service_name(resource, spec))
+    return base + route_prefix(resource, spec)
 
 
 def build_rayservice(resource: dict[str, Any], default_image: str) -> dict[str, Any]:
-    """The RayService for a ZeroCopyModel (owner reference and namespace are set by the caller)."""
+    """The RayService of a ZeroCopyModel with a cluster of its own (owner reference and namespace: the caller's)."""
     spec = parse_spec(resource)
+    if spec.cluster_ref is not None:
+        raise ValueError(
+            f"ZeroCopyModel {resource['metadata']['name']} runs on a ZeroCopyCluster: it has no RayService"
+        )
     name = resource["metadata"]["name"]
-    rayservice: dict[str, Any] = {
+    application = build_serve_application(name, spec, route_prefix(resource, spec))
+    env_from = build_env_from([spec.model.credentials_secret])
+    return _rayservice(
+        name, {MODEL_LABEL: name}, [application], spec.cluster, spec.upgrade_strategy, env_from, default_image
+    )
+
+
+def build_cluster_rayservice(
+    resource: dict[str, Any], applications: list[dict[str, Any]], default_image: str
+) -> dict[str, Any]:
+    """The RayService of a ZeroCopyCluster, serving `applications` (one per model, from `build_serve_application`).
+
+    Applications are sorted by name, so the same models always give the same serveConfigV2 and only a change
+    to a model changes it; with none, Serve runs no application and the cluster stays up for the next model.
+    """
+    spec = parse_cluster_spec(resource)
+    name = resource["metadata"]["name"]
+    ordered = sorted(applications, key=lambda app: str(app["name"]))
+    env_from = build_env_from(list(spec.credentials_secrets))
+    return _rayservice(name, {CLUSTER_LABEL: name}, ordered, spec, spec.upgrade_strategy, env_from, default_image)
+
+
+def _rayservice(
+    name: str,
+    labels: dict[str, str],
+    applications: list[dict[str, Any]],
+    cluster: Cluster,
+    strategy: UpgradeStrategy,
+    env_from: list[dict[str, Any]],
+    default_image: str,
+) -> dict[str, Any]:
+    serve_config = {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT}, "applications": applications}
+    return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": {"name": name, "labels": {MODEL_LABEL: name, **MANAGED_BY}},
+        "metadata": {"name": name, "labels": {**labels, **MANAGED_BY}},
         "spec": {
-            "serveConfigV2": yaml.safe_dump(build_serve_config(resource, spec), sort_keys=False),
-            "rayClusterConfig": build_ray_cluster(name, spec, default_image),
-            "upgradeStrategy": build_upgrade_strategy(spec),
+            "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
+            "rayClusterConfig": build_ray_cluster(name, labels, cluster, default_image, env_from),
+            "upgradeStrategy": build_upgrade_strategy(strategy),
         },
-    }
-    return rayservice
-
-
-def build_serve_config(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> dict[str, Any]:
-    """Serve's config: HTTP options and the model's one application."""
-    return {
-        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec))],
     }
 
 
@@ -110,25 +164,24 @@ def build_deployment_options(serving: Serving) -> dict[str, Any]:
     return options
 
 
-def build_ray_cluster(name: str, spec: ZeroCopyModelSpec, default_image: str) -> dict[str, Any]:
-    cluster = spec.cluster
+def build_ray_cluster(
+    name: str, labels: dict[str, str], cluster: Cluster, default_image: str, env_from: list[dict[str, Any]]
+) -> dict[str, Any]:
     image = cluster.image or default_image
-    env_from = build_env_from(spec)
     return {
         "rayVersion": cluster.ray_version,
         "enableInTreeAutoscaling": cluster.enable_in_tree_autoscaling,
-        "headGroupSpec": build_head_group(name, cluster.head, image, env_from),
-        "workerGroupSpecs": [build_worker_group(name, group, image, env_from) for group in cluster.worker_groups],
+        "headGroupSpec": build_head_group(labels, cluster.head, image, env_from),
+        "workerGroupSpecs": [build_worker_group(labels, group, image, env_from) for group in cluster.worker_groups],
     }
 
 
-def build_env_from(spec: ZeroCopyModelSpec) -> list[dict[str, Any]]:
-    """Storage credentials from the referenced Secret, as environment variables (never inline)."""
-    secret = spec.model.credentials_secret
-    return [{"secretRef": {"name": secret.name}}] if secret else []
+def build_env_from(secrets: list[SecretReference | None]) -> list[dict[str, Any]]:
+    """Storage credentials from the referenced Secrets, as environment variables (never inline)."""
+    return [{"secretRef": {"name": secret.name}} for secret in secrets if secret is not None]
 
 
-def build_head_group(name: str, head: Head, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
+def build_head_group(labels: dict[str, str], head: Head, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
     """The head: runs Serve's controller and proxy but no replicas (`num-cpus: 0`)."""
     store = quantity.to_bytes(head.object_store_memory)
     params = {"num-cpus": "0", "object-store-memory": str(store), "dashboard-host": "0.0.0.0", **METRICS_PARAMS}
@@ -140,10 +193,12 @@ def build_head_group(name: str, head: Head, image: str, env_from: list[dict[str,
         METRICS_PORT,
     ]
     container = build_container("ray-head", image, head.cpu, head.memory, store, env_from, {}, ports)
-    return {"rayStartParams": params, "template": build_pod_template(name, "head", container, store, {}, [])}
+    return {"rayStartParams": params, "template": build_pod_template(labels, "head", container, store, {}, [])}
 
 
-def build_worker_group(name: str, group: WorkerGroup, image: str, env_from: list[dict[str, Any]]) -> dict[str, Any]:
+def build_worker_group(
+    labels: dict[str, str], group: WorkerGroup, image: str, env_from: list[dict[str, Any]]
+) -> dict[str, Any]:
     """A worker group: GPUs as limits, tolerations for the GPU taint, and the object store sized explicitly."""
     store = quantity.to_bytes(group.object_store_memory)
     params = {"object-store-memory": str(store), **METRICS_PARAMS}
@@ -162,7 +217,7 @@ def build_worker_group(name: str, group: WorkerGroup, image: str, env_from: list
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": params,
-        "template": build_pod_template(name, group.name, container, store, dict(group.node_selector), tolerations),
+        "template": build_pod_template(labels, group.name, container, store, dict(group.node_selector), tolerations),
     }
 
 
@@ -198,7 +253,7 @@ def build_container(
 
 
 def build_pod_template(
-    name: str,
+    owner_labels: dict[str, str],
     group: str,
     container: dict[str, Any],
     store: int,
@@ -213,15 +268,14 @@ def build_pod_template(
         pod["nodeSelector"] = node_selector
     if tolerations:
         pod["tolerations"] = tolerations
-    labels = {MODEL_LABEL: name, "zerocopy.dev/group": group, **MANAGED_BY}
+    labels = {**owner_labels, "zerocopy.dev/group": group, **MANAGED_BY}
     return {"metadata": {"labels": labels}, "spec": pod}
 
 
-def build_upgrade_strategy(spec: ZeroCopyModelSpec) -> dict[str, Any]:
-    strategy: dict[str, Any] = {"type": spec.upgrade_strategy.type}
-    incremental = spec.upgrade_strategy.incremental
-    if incremental is not None:
-        strategy["clusterUpgradeOptions"] = incremental.model_dump(by_alias=True)
+def build_upgrade_strategy(upgrade: UpgradeStrategy) -> dict[str, Any]:
+    strategy: dict[str, Any] = {"type": upgrade.type}
+    if upgrade.incremental is not None:
+        strategy["clusterUpgradeOptions"] = upgrade.incremental.model_dump(by_alias=True)
     return strategy
 
 

@@ -32,3 +32,14 @@ def memory(nbytes: int) -> str:
         if nbytes and nbytes % factor == 0:
             return f"{nbytes // factor}{suffix}"
     return str(nbytes)
+
+
+def human(nbytes: int) -> str:
+    """Bytes for people: exact where a unit divides them ("4Gi"), else to a tenth ("3.2Mi")."""
+    exact = memory(nbytes)
+    if exact[-2:] in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki") or nbytes < 2**10:
+        return exact
+    for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+        if nbytes >= _SUFFIXES[suffix]:
+            return f"{nbytes / _SUFFIXES[suffix]:.1f}{suffix}"
+    return exact

@@ -16,7 +16,7 @@ from typing import Any
 
 from .api import ZeroCopyModelSpec
 from .kube import Kube
-from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix
+from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix, service_name
 from .status import OPERATOR_ERROR, invalid_status, observed_status, weights_from_info
 from .validation import InvalidSpec, validate
 
@@ -34,7 +34,7 @@ class Settings:
 
 
 class NotOurs(Exception):
-    """A RayService with the model's name exists and belongs to something else."""
+    """A RayService with the resource's name exists and belongs to something else."""
 
 
 def now() -> str:
@@ -42,7 +42,11 @@ def now() -> str:
 
 
 def check(kube: Kube, resource: dict[str, Any]) -> ZeroCopyModelSpec:
-    """The spec, validated against the schema, the cluster shape and the namespace's other models."""
+    """The spec, validated against the schema, its own cluster's shape and the namespace's other models.
+
+    A model with a clusterRef is checked against its cluster's shape and the models beside it when that
+    cluster is planned (`clusters.reconcile_cluster`).
+    """
     meta = resource["metadata"]
     known = ((resource.get("status") or {}).get("weights") or {}).get("bytes")
     return validate(resource, kube.list_models(meta["namespace"]), known_bytes=known)
@@ -62,14 +66,18 @@ def refused_status(resource: dict[str, Any], error: Exception) -> dict[str, Any]
 
 
 def desired_rayservice(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The RayService, adopted: same namespace, owned by the model (deleted with it by the cluster's GC)."""
-    meta = resource["metadata"]
-    body = settings.build(resource, settings.default_image)
+    """A model's own RayService, adopted."""
+    return adopt(resource, settings.build(resource, settings.default_image))
+
+
+def adopt(owner: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """`body` in the owner's namespace, owned by it (deleted with it by the cluster's garbage collector)."""
+    meta = owner["metadata"]
     body["metadata"]["namespace"] = meta["namespace"]
     body["metadata"]["ownerReferences"] = [
         {
-            "apiVersion": resource["apiVersion"],
-            "kind": resource["kind"],
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
             "name": meta["name"],
             "uid": meta["uid"],
             "controller": True,
@@ -80,18 +88,25 @@ def desired_rayservice(resource: dict[str, Any], settings: Settings) -> dict[str
 
 
 def apply(kube: Kube, resource: dict[str, Any], settings: Settings) -> tuple[str, dict[str, Any]]:
-    """Create the RayService, or put back what drifted from the desired one. Returns what it did."""
-    meta = resource["metadata"]
-    desired = desired_rayservice(resource, settings)
-    current = kube.get_rayservice(meta["namespace"], meta["name"])
+    """Create the model's RayService, or put back what drifted from the desired one. Returns what it did."""
+    return apply_desired(kube, resource, desired_rayservice(resource, settings))
+
+
+def owns(owner: dict[str, Any], rayservice: dict[str, Any]) -> bool:
+    return any(o.get("uid") == owner["metadata"]["uid"] for o in rayservice["metadata"].get("ownerReferences") or [])
+
+
+def apply_desired(kube: Kube, owner: dict[str, Any], desired: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Create `desired`, or put back what drifted from it in the owner's RayService. Returns what it did."""
+    meta = owner["metadata"]
+    current = kube.get_rayservice(meta["namespace"], desired["metadata"]["name"])
     if current is None:
         kube.create_rayservice(meta["namespace"], desired)
         return "created", desired
-    owners = current["metadata"].get("ownerReferences") or []
-    if not any(o.get("uid") == meta["uid"] for o in owners):
+    if not owns(owner, current):
         raise NotOurs(
-            f"RayService {meta['name']} already exists and is not owned by this ZeroCopyModel: "
-            "delete it or rename the model"
+            f"RayService {meta['name']} already exists and is not owned by this {owner['kind']}: "
+            f"delete it or rename the {owner['kind']}"
         )
     if contains(current, desired):
         return "unchanged", current
@@ -121,7 +136,7 @@ def observe(
     """The status to write, from the RayService (fetched unless given) and, once serving, /-/info."""
     meta = resource["metadata"]
     if rayservice is None:
-        rayservice = kube.get_rayservice(meta["namespace"], meta["name"])
+        rayservice = kube.get_rayservice(meta["namespace"], service_name(resource, spec))
     url = endpoint(resource, spec)
     weights = (resource.get("status") or {}).get("weights")
     status = observed_status(resource, spec, rayservice, weights, url, now())

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import ZeroCopyModelSpec
-from .manifests import DEPLOYMENT
+from . import quantity
+from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
+from .manifests import DEPLOYMENT, service_name
 
 CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady")
 INVALID_SPEC = "InvalidSpec"
@@ -52,7 +53,7 @@ def observed_status(
     desired = _desired_replicas(spec)
     if rayservice is None:
         conditions = [
-            condition("Ready", False, "RayServiceMissing", f"creating RayService {meta['name']}"),
+            condition("Ready", False, "RayServiceMissing", f"creating RayService {service_name(resource, spec)}"),
             condition("ClusterReady", False, "RayServiceMissing"),
             condition("WeightsPublished", None, "NotServing"),
             condition("ServeReady", False, "RayServiceMissing"),
@@ -60,17 +61,10 @@ def observed_status(
         return _status(meta, spec, "Pending", conditions, previous, now, None, None, 0, desired)
     state = rayservice.get("status") or {}
     by_type = {c.get("type"): c for c in state.get("conditions") or []}
-    app = ((state.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(meta["name"]) or {}
+    app = application_status(rayservice, meta["name"])
     deployment = (app.get("serveDeploymentStatuses") or {}).get(DEPLOYMENT) or {}
-    cluster_ok = (by_type.get("Ready") or {}).get("status") == "True" or (
-        (state.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
-    ).get("state") == "ready"
-    cluster = condition(
-        "ClusterReady",
-        cluster_ok,
-        "ClusterReady" if cluster_ok else "ClusterStarting",
-        "" if cluster_ok else (by_type.get("Ready") or {}).get("message", "KubeRay is starting the Ray cluster"),
-    )
+    cluster = cluster_condition(rayservice)
+    cluster_ok = cluster["status"] == "True"
     app_status = app.get("status", "")
     serve_ok = app_status == "RUNNING"
     failed = app_status in ("DEPLOY_FAILED", "UNHEALTHY")
@@ -94,6 +88,38 @@ def observed_status(
     ready_replicas = desired if deployment.get("status") == "HEALTHY" else 0
     conditions = [summary, cluster, published, serve]
     return _status(meta, spec, phase, conditions, previous, now, endpoint, weights, ready_replicas, desired)
+
+
+def application_status(rayservice: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """What KubeRay reports of one Serve application of the RayService (empty until it reports it)."""
+    state = (rayservice or {}).get("status") or {}
+    found: dict[str, Any] = ((state.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(name) or {}
+    return found
+
+
+def cluster_condition(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """ClusterReady, from the RayService's Ready condition or its cluster's state."""
+    state = rayservice.get("status") or {}
+    ready: dict[str, Any] = next((c for c in state.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ok = (
+        ready.get("status") == "True"
+        or ((state.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}).get("state") == "ready"
+    )
+    message = "" if ok else ready.get("message", "KubeRay is starting the Ray cluster")
+    return condition("ClusterReady", ok, "ClusterReady" if ok else "ClusterStarting", message)
+
+
+def waiting_status(resource: dict[str, Any], reason: str, message: str, now: str) -> dict[str, Any]:
+    """A model whose ZeroCopyCluster is missing or invalid: Pending, picked up when the cluster is fixed."""
+    meta = resource["metadata"]
+    previous = (resource.get("status") or {}).get("conditions") or []
+    conditions = [condition("Ready", False, reason, message), condition("ClusterReady", False, reason, message)]
+    return {
+        "observedGeneration": meta.get("generation"),
+        "phase": "Pending",
+        "conditions": stamp(conditions, previous, now, meta.get("generation")),
+        "cluster": ((resource.get("spec") or {}).get("clusterRef") or {}).get("name"),
+    }
 
 
 def _desired_replicas(spec: ZeroCopyModelSpec) -> int:
@@ -124,7 +150,8 @@ def _status(
         "observedGeneration": meta.get("generation"),
         "phase": phase,
         "conditions": stamp(conditions, previous, now, meta.get("generation")),
-        "rayService": meta["name"],
+        "rayService": service_name({"metadata": meta}, spec),
+        "cluster": spec.cluster_ref.name if spec.cluster_ref is not None else None,
         "endpoint": endpoint,
         "task": spec.serving.task,
         # What an OpenAI client takes as base_url; only text tasks speak that protocol.
@@ -159,4 +186,53 @@ def weights_from_info(info: dict[str, Any]) -> dict[str, Any]:
         "tensors": info.get("tensor_count"),
         "shared": info.get("shared"),
         "attachSeconds": info.get("attach_seconds"),
+    }
+
+
+def cluster_status(
+    resource: dict[str, Any],
+    spec: ZeroCopyClusterSpec,
+    rayservice: dict[str, Any] | None,
+    models: list[dict[str, Any]],
+    store: list[dict[str, Any]],
+    endpoint: str,
+    now: str,
+) -> dict[str, Any]:
+    """A ZeroCopyCluster's status: its own readiness, and the models (status.models entries) and stores given."""
+    meta = resource["metadata"]
+    previous = (resource.get("status") or {}).get("conditions") or []
+    serving = [m for m in models if m["ready"]]
+    refused = [m["name"] for m in models if m["application"] == "Refused"]
+    summary = f"{len(serving)} of {len(models)} models serving" + (
+        f"; refused: {', '.join(refused)}" if refused else ""
+    )
+    if rayservice is None:
+        phase, cluster = (
+            "Pending",
+            condition("ClusterReady", False, "RayServiceMissing", f"creating RayService {meta['name']}"),
+        )
+    else:
+        cluster = cluster_condition(rayservice)
+        upgrading = any(
+            c.get("type") == "UpgradeInProgress" and c.get("status") == "True"
+            for c in (rayservice.get("status") or {}).get("conditions") or []
+        )
+        phase = "Upgrading" if upgrading else "Ready" if cluster["status"] == "True" else "Provisioning"
+    ok = cluster["status"] == "True"
+    ready = condition("Ready", ok, "ClusterReady" if ok else cluster["reason"], summary if ok else cluster["message"])
+    models_ok = bool(models) and len(serving) == len(models)
+    models_condition = condition("ModelsReady", models_ok, "AllServing" if models_ok else "NotAllServing", summary)
+    return {
+        "observedGeneration": meta.get("generation"),
+        "phase": phase,
+        "conditions": stamp([ready, cluster, models_condition], previous, now, meta.get("generation")),
+        "rayService": meta["name"],
+        "endpoint": endpoint,
+        "models": models,
+        "modelsReady": f"{len(serving)}/{len(models)}",
+        "objectStore": store,
+        "objectStoreSummary": ", ".join(
+            f"{use['group']} {quantity.human(use['weightsBytes'])}/{quantity.human(use['capacityBytes'])}"
+            for use in store
+        ),
     }

@@ -14,8 +14,17 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from . import quantity
-from .api import API_VERSION, KIND, MAX_NAME_LENGTH, NAME_PATTERN, ZeroCopyModelSpec
-from .manifests import largest_worker, parse_spec, route_prefix
+from .api import (
+    API_VERSION,
+    CLUSTER_KIND,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    Cluster,
+    ZeroCopyClusterSpec,
+    ZeroCopyModelSpec,
+)
+from .manifests import largest_worker, parse_cluster_spec, parse_spec, route_prefix
 
 
 class InvalidSpec(ValueError):
@@ -27,18 +36,19 @@ class InvalidSpec(ValueError):
 
 
 def validate(
-    resource: dict[str, Any], others: Sequence[dict[str, Any]] = (), known_bytes: int | None = None
+    resource: dict[str, Any],
+    others: Sequence[dict[str, Any]] = (),
+    known_bytes: int | None = None,
+    cluster: Cluster | None = None,
 ) -> ZeroCopyModelSpec:
     """The typed spec of a servable resource, or InvalidSpec listing every problem.
 
     `others` are the other ZeroCopyModels of the namespace (for route
-    collisions); `known_bytes` is the size the runtime reported last time.
+    collisions); `known_bytes` is the size the runtime reported last time;
+    `cluster` is the ZeroCopyCluster's spec for a model with a clusterRef
+    (None: its fit is checked when its cluster is planned, see `placement`).
     """
-    if resource.get("apiVersion") != API_VERSION or resource.get("kind") != KIND:
-        raise InvalidSpec(
-            [f"expected apiVersion {API_VERSION} and kind {KIND}, got {resource.get('apiVersion')!r} / "
-             f"{resource.get('kind')!r}"]
-        )  # fmt: skip
+    _check_kind(resource, KIND)
     name_problems = name_problem(resource)
     if not isinstance(resource.get("spec"), dict):
         raise InvalidSpec([*name_problems, "spec: must be a mapping with at least spec.model"])
@@ -48,13 +58,38 @@ def validate(
         raise InvalidSpec([*name_problems, *(_field_error(error) for error in exc.errors())]) from None
     if name_problems:
         raise InvalidSpec(name_problems)
-    problems = semantic_problems(resource, spec, others, known_bytes)
+    problems = semantic_problems(
+        resource, spec, others, known_bytes, spec.cluster if spec.cluster_ref is None else cluster
+    )
     if problems:
         raise InvalidSpec(problems)
     return spec
 
 
-def name_problem(resource: dict[str, Any]) -> list[str]:
+def validate_cluster(resource: dict[str, Any]) -> ZeroCopyClusterSpec:
+    """The typed spec of a ZeroCopyCluster, or InvalidSpec listing every problem."""
+    _check_kind(resource, CLUSTER_KIND)
+    problems = name_problem(resource, "the cluster's")
+    if not isinstance(resource.get("spec"), dict):
+        raise InvalidSpec([*problems, "spec: must be a mapping (an empty one, {}, gives one GPU worker group)"])
+    try:
+        spec = parse_cluster_spec(resource)
+    except ValidationError as exc:
+        problems += [_field_error(error) for error in exc.errors()]
+    if problems:
+        raise InvalidSpec(problems)
+    return spec
+
+
+def _check_kind(resource: dict[str, Any], kind: str) -> None:
+    if resource.get("apiVersion") != API_VERSION or resource.get("kind") != kind:
+        raise InvalidSpec(
+            [f"expected apiVersion {API_VERSION} and kind {kind}, got {resource.get('apiVersion')!r} / "
+             f"{resource.get('kind')!r}"]
+        )  # fmt: skip
+
+
+def name_problem(resource: dict[str, Any], whose: str = "the model's") -> list[str]:
     """metadata.name as KubeRay and Serve take it: a DNS label of at most MAX_NAME_LENGTH characters."""
     name = (resource.get("metadata") or {}).get("name")
     if not isinstance(name, str) or not name:
@@ -62,7 +97,7 @@ def name_problem(resource: dict[str, Any]) -> list[str]:
     if len(name) > MAX_NAME_LENGTH:
         return [
             f"metadata.name {name!r} has {len(name)} characters, more than {MAX_NAME_LENGTH}: KubeRay refuses "
-            "longer RayService names (the model's RayService takes its name); choose a shorter name"
+            f"longer RayService names ({whose} RayService takes its name); choose a shorter name"
         ]
     if not re.match(NAME_PATTERN, name):
         return [
@@ -84,27 +119,53 @@ def _field_error(error: Any) -> str:
 
 
 def semantic_problems(
-    resource: dict[str, Any], spec: ZeroCopyModelSpec, others: Sequence[dict[str, Any]], known_bytes: int | None
+    resource: dict[str, Any],
+    spec: ZeroCopyModelSpec,
+    others: Sequence[dict[str, Any]],
+    known_bytes: int | None,
+    cluster: Cluster | None,
 ) -> list[str]:
+    problems = [] if cluster is None else fit_problems(spec, cluster, known_bytes, _where(spec))
+    problems += route_problems(resource, spec, others)
+    return problems
+
+
+def _where(spec: ZeroCopyModelSpec) -> str:
+    return "" if spec.cluster_ref is None else f" of ZeroCopyCluster {spec.cluster_ref.name}"
+
+
+def fit_problems(spec: ZeroCopyModelSpec, cluster: Cluster, known_bytes: int | None, where: str) -> list[str]:
+    """Whether one replica fits a worker pod of `cluster`: its GPUs, its CPUs, and the weights in the object store."""
     problems = []
-    gpus, cpus, store = largest_worker(spec.cluster)
+    gpus, cpus, store = largest_worker(cluster)
     serving = spec.serving
     if serving.gpus_per_replica > gpus:
         problems.append(
-            f"serving.gpusPerReplica is {serving.gpus_per_replica:g} but no worker group has more than {gpus} "
+            f"serving.gpusPerReplica is {serving.gpus_per_replica:g} but no worker group{where} has more than {gpus} "
             "GPUs per pod: add GPUs to a worker group or lower gpusPerReplica"
         )
     if serving.cpus_per_replica > cpus:
         problems.append(
-            f"serving.cpusPerReplica is {serving.cpus_per_replica:g} but no worker group has more than {cpus:g} "
-            "CPUs per pod: raise a worker group's cpu or lower cpusPerReplica"
+            f"serving.cpusPerReplica is {serving.cpus_per_replica:g} but no worker group{where} has more than "
+            f"{cpus:g} CPUs per pod: raise a worker group's cpu or lower cpusPerReplica"
         )
-    size = quantity.to_bytes(spec.model.size) if spec.model.size is not None else known_bytes
+    size = model_bytes(spec, known_bytes)
     if size is not None and size > store:
         problems.append(
-            f"the model's weights take {quantity.memory(size)} but the largest worker object store is "
+            f"the model's weights take {quantity.memory(size)} but the largest worker object store{where} is "
             f"{quantity.memory(store)}: raise objectStoreMemory of a worker group (and its memory) above the model size"
         )
+    return problems
+
+
+def model_bytes(spec: ZeroCopyModelSpec, known_bytes: int | None) -> int | None:
+    """The weights' size: as the spec states it, else as the replicas last reported it, else unknown."""
+    return quantity.to_bytes(spec.model.size) if spec.model.size is not None else known_bytes
+
+
+def route_problems(resource: dict[str, Any], spec: ZeroCopyModelSpec, others: Sequence[dict[str, Any]]) -> list[str]:
+    """Route prefixes are unique in a namespace (so on every shared cluster): the older model keeps its route."""
+    problems = []
     mine = route_prefix(resource, spec)
     for other in others:
         if _age_key(other) >= _age_key(resource):

@@ -122,12 +122,17 @@ class Cluster:
     def json(self, *args: str) -> dict:
         return dict(json.loads(self.kubectl(*args, "-o", "json").stdout))
 
-    def diagnostics(self, namespace: str, name: str) -> str:
-        """What to read when a model does not come up: its objects, events, the operator's and Ray's logs."""
-        selector = f"zerocopy.dev/model={name}"
+    def diagnostics(self, namespace: str, name: str, cluster: str | None = None) -> str:
+        """What to read when a model does not come up: its objects, events, the operator's and Ray's logs.
+
+        `cluster`: the ZeroCopyCluster the model runs on, whose pods (and description) are read instead.
+        """
+        selector = f"zerocopy.dev/model={name}" if cluster is None else f"zerocopy.dev/cluster={cluster}"
+        kinds = "zerocopymodels,zerocopyclusters,rayservices,rayclusters,pods,services"
         commands = [
-            ["get", "zerocopymodels,rayservices,rayclusters,pods,services", "-n", namespace, "-o", "wide"],
+            ["get", kinds, "-n", namespace, "-o", "wide"],
             ["describe", "zerocopymodel", name, "-n", namespace],
+            *([["describe", "zerocopycluster", cluster, "-n", namespace]] if cluster is not None else []),
             ["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"],
             ["logs", "-n", SYSTEM_NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}", "--tail=80"],
             ["logs", "-n", namespace, "-l", selector, "--all-containers", "--prefix", "--tail=60"],
@@ -198,8 +203,9 @@ def _install(cluster: Cluster) -> None:
         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
         "--set", "image.pullPolicy=IfNotPresent", "--set", f"runtimeImage={cluster.runtime_image}",
     )  # fmt: skip
-    # Helm installs a chart's CRDs only the first time: keep a reused cluster's CRD current.
+    # Helm installs a chart's CRDs only the first time: keep a reused cluster's CRDs current (and add new ones).
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
-    cluster.kubectl("wait", "crd/zerocopymodels.zerocopy.dev", "--for=condition=Established", "--timeout=60s")
+    for crd in ("zerocopymodels.zerocopy.dev", "zerocopyclusters.zerocopy.dev"):
+        cluster.kubectl("wait", f"crd/{crd}", "--for=condition=Established", "--timeout=60s")
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": MODELS_NAMESPACE}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(namespace))

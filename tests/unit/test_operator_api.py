@@ -11,19 +11,19 @@ import jsonschema
 import pytest
 import yaml
 
-from zerocopy_operator.api import ZeroCopyModelSpec
-from zerocopy_operator.crd import build_crd, crd_yaml
+from zerocopy_operator.crd import CLUSTER, RESOURCES, Resource, build_crd, crd_yaml
 from zerocopy_operator.validation import InvalidSpec, validate
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
-def _schema() -> dict[str, Any]:
-    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def _schema(resource: Resource | None = None) -> dict[str, Any]:
+    crd = build_crd() if resource is None else build_crd(resource)
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
 
 
 def _example(name: str) -> dict[str, Any]:
@@ -32,12 +32,14 @@ def _example(name: str) -> dict[str, Any]:
     return resource
 
 
-def test_committed_crd_matches_the_types() -> None:
-    drifted = "the CRD drifted from zerocopy_operator.api: run `zerocopy crd > crds/zerocopymodels.zerocopy.dev.yaml`"
-    assert CRD_FILE.read_text() == crd_yaml(), drifted
+@pytest.mark.parametrize("resource", RESOURCES, ids=[r.kind for r in RESOURCES])
+def test_committed_crds_match_the_types(resource: Resource) -> None:
+    drifted = f"the {resource.kind} CRD drifted from zerocopy_operator.api: run `zerocopy crd --out crds`"
+    assert (ROOT / "crds" / resource.file_name).read_text() == crd_yaml(resource), drifted
 
 
-def test_crd_schema_is_structural() -> None:
+@pytest.mark.parametrize("resource", RESOURCES, ids=[r.kind for r in RESOURCES])
+def test_crd_schema_is_structural(resource: Resource) -> None:
     """Every node says its type (or is int-or-string / free-form), and nothing Kubernetes refuses remains."""
 
     def walk(node: dict[str, Any], path: str) -> None:
@@ -53,7 +55,7 @@ def test_crd_schema_is_structural() -> None:
             if isinstance(node.get(key), dict):
                 walk(node[key], f"{path}.{key}")
 
-    walk(_schema(), "")
+    walk(_schema(resource), "")
 
 
 def test_crd_names_columns_and_status_subresource() -> None:
@@ -62,17 +64,35 @@ def test_crd_names_columns_and_status_subresource() -> None:
     assert spec["names"]["shortNames"] == ["zcm"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Ready", "Phase", "Replicas", "Task", "Model", "Endpoint", "Age",
+        "Ready", "Phase", "Replicas", "Cluster", "Task", "Model", "Endpoint", "Age",
     ]  # fmt: skip
     rules = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["autoscaling"]
     assert rules["x-kubernetes-validations"][0]["rule"] == "self.minReplicas <= self.maxReplicas"
 
 
+def test_cluster_crd_names_columns_and_the_cluster_fields_a_model_has() -> None:
+    """ZeroCopyCluster's spec is a model's spec.cluster plus the upgrade strategy: one declaration of each field."""
+    crd = build_crd(CLUSTER)
+    version = crd["spec"]["versions"][0]
+    assert (crd["metadata"]["name"], crd["spec"]["names"]["shortNames"]) == ("zerocopyclusters.zerocopy.dev", ["zcc"])
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Ready", "Phase", "Models", "Object-Store", "Endpoint", "Age",
+    ]  # fmt: skip
+    cluster = _schema(CLUSTER)["properties"]["spec"]["properties"]
+    model = _schema()["properties"]["spec"]["properties"]
+    assert set(cluster) == set(model["cluster"]["properties"]) | {"upgradeStrategy", "credentialsSecrets"}
+    assert cluster["workerGroups"] == model["cluster"]["properties"]["workerGroups"]
+    assert cluster["upgradeStrategy"] == model["upgradeStrategy"]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_examples_are_accepted_by_the_crd_schema_and_the_types(path: Path) -> None:
-    resource = yaml.safe_load(path.read_text())
-    jsonschema.Draft4Validator(_schema()).validate(resource)
-    ZeroCopyModelSpec.model_validate(resource["spec"])
+    kinds = {r.kind: r for r in RESOURCES}
+    for resource in yaml.safe_load_all(path.read_text()):
+        kind = kinds[resource["kind"]]
+        jsonschema.Draft4Validator(_schema(kind)).validate(resource)
+        kind.spec.model_validate(resource["spec"])
 
 
 @pytest.mark.parametrize(

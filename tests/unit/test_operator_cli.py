@@ -19,10 +19,16 @@ def _zerocopy(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def test_crd_prints_the_committed_file() -> None:
+def test_crd_prints_the_committed_files_and_writes_them(tmp_path: Path) -> None:
+    committed = sorted((ROOT / "crds").glob("*.yaml"))
+    assert [p.name for p in committed] == ["zerocopyclusters.zerocopy.dev.yaml", "zerocopymodels.zerocopy.dev.yaml"]
     out = _zerocopy("crd")
     assert out.returncode == 0, out.stderr
-    assert out.stdout == (ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml").read_text()
+    printed = list(yaml.safe_load_all(out.stdout))
+    assert printed == [yaml.safe_load(p.read_text()) for p in reversed(committed)]  # models first
+    out = _zerocopy("crd", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {p.name: p.read_text() for p in committed}
 
 
 def test_render_prints_a_reviewable_rayservice() -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from tests.chart import helm_binary
 from tests.readme import README, bash_blocks, commands, section
-from zerocopy_operator.api import ZeroCopyModelSpec
+from zerocopy_operator.api import ZeroCopyClusterSpec, ZeroCopyModelSpec
 
 pytestmark = pytest.mark.unit
 
@@ -74,11 +74,12 @@ def _manifests() -> list[dict]:
 
 
 def test_readme_manifests_are_valid() -> None:
-    """Resources shown in the README: built-in kinds against Kubernetes' schema, ZeroCopyModels against ours."""
+    """Resources shown in the README: built-in kinds against Kubernetes' schema, ours against our types."""
     manifests = _manifests()
-    assert {m["kind"] for m in manifests} >= {"ZeroCopyModel", "NetworkPolicy"}
+    assert {m["kind"] for m in manifests} >= {"ZeroCopyModel", "ZeroCopyCluster", "NetworkPolicy"}
+    ours = {"ZeroCopyModel": ZeroCopyModelSpec, "ZeroCopyCluster": ZeroCopyClusterSpec}
     for manifest in manifests:
-        if manifest["kind"] == "ZeroCopyModel":
-            ZeroCopyModelSpec.model_validate(manifest["spec"])
+        if manifest["kind"] in ours:
+            ours[manifest["kind"]].model_validate(manifest["spec"])
         else:
             kubernetes_validate.validate(manifest, "1.37.0", strict=True)

@@ -61,7 +61,13 @@ if reason := kuberay.missing():
 from ray.serve._private.config import DeploymentConfig, ReplicaConfig  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from zerocopy_operator.manifests import build_rayservice  # noqa: E402
+from zerocopy_operator.manifests import (  # noqa: E402
+    build_cluster_rayservice,
+    build_rayservice,
+    build_serve_application,
+    parse_spec,
+    route_prefix,
+)
 from zerocopy_operator.validation import InvalidSpec, validate  # noqa: E402
 from zerocopy_runtime.config import AppArgs  # noqa: E402
 
@@ -269,7 +275,13 @@ def outcome(resource: dict[str, Any]) -> str:
     if reason is not None:
         assert reason.strip(), "InvalidSpec without a message"
         return "refused"
-    rayservice = build_rayservice(resource, IMAGE)
+    spec = parse_spec(resource)
+    if spec.cluster_ref is None:
+        rayservice = build_rayservice(resource, IMAGE)
+    else:  # one application of its ZeroCopyCluster's RayService (a default cluster: the model fixes no shape)
+        application = build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec))
+        cluster = {"metadata": {"name": spec.cluster_ref.name}, "spec": {}}
+        rayservice = build_cluster_rayservice(cluster, [application], IMAGE)
     assert_kuberay_accepts(rayservice)
     assert_serve_accepts(rayservice)
     return "rendered"

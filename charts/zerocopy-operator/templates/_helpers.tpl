@@ -41,25 +41,28 @@ The operator's permissions, grouped by purpose. Shared by the ClusterRole
 (cluster-wide install) and the per-namespace Roles (namespaced install).
 */}}
 {{- define "zerocopy-operator.rules" -}}
-# Framework: kopf reports handler outcomes and problems as Events on the ZeroCopyModel.
+# Framework: kopf reports handler outcomes and problems as Events on the ZeroCopyModel or ZeroCopyCluster.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Application: watch ZeroCopyModels; patch them for kopf's progress annotations, and their status.
+# Application: watch ZeroCopyModels and ZeroCopyClusters; patch them for kopf's progress annotations, and their status.
 - apiGroups: [zerocopy.dev]
-  resources: [zerocopymodels]
+  resources: [zerocopymodels, zerocopyclusters]
   verbs: [get, list, watch, patch]
 - apiGroups: [zerocopy.dev]
-  resources: [zerocopymodels/status]
+  resources: [zerocopymodels/status, zerocopyclusters/status]
   verbs: [patch]
-# Application: the RayService each ZeroCopyModel owns (created, restored after hand edits, watched for status).
-# `delete` here and `update` on zerocopymodels/finalizers are never used by the operator itself: clusters with the
-# OwnerReferencesPermissionEnforcement admission plugin (OpenShift, hardened clusters) require them to set the
-# owner reference (with blockOwnerDeletion) that lets the garbage collector delete the RayService with its model.
+# Application: the RayService each ZeroCopyModel with its own spec.cluster owns, and the one each ZeroCopyCluster
+# owns for the models naming it in spec.clusterRef (created, restored after hand edits, watched for status).
+# `delete`: a model that moves from its own spec.cluster onto a ZeroCopyCluster has its own RayService deleted.
+# `update` on zerocopymodels/finalizers and zerocopyclusters/finalizers is never used by the operator itself: clusters
+# with the OwnerReferencesPermissionEnforcement admission plugin (OpenShift, hardened clusters) require it (and
+# `delete` on rayservices) to set the owner reference (with blockOwnerDeletion) that lets the garbage collector
+# delete the RayService with its ZeroCopyModel or ZeroCopyCluster.
 - apiGroups: [ray.io]
   resources: [rayservices]
   verbs: [get, list, watch, create, update, delete]
 - apiGroups: [zerocopy.dev]
-  resources: [zerocopymodels/finalizers]
+  resources: [zerocopymodels/finalizers, zerocopyclusters/finalizers]
   verbs: [update]
 {{- end -}}
