@@ -1,14 +1,15 @@
-"""`zerocopy serve FILE`: the Serve application the operator would render, run on a local Ray.
+"""`zerocopy serve FILE...`: the Serve applications the operator would render, run on a local Ray.
 
-The command line turns the resource into Serve's application config (the
+The command line turns each resource into Serve's application config (the
 same function the operator uses for serveConfigV2); this module checks what
 can be checked before Ray starts, publishes the weights with progress, and
-deploys the application through Serve's config path, as `serve deploy` and
-KubeRay do, so `serve status` and `serve config` show it as on a cluster.
+deploys the applications through Serve's config path, as `serve deploy` and
+KubeRay do, so `serve status` and `serve config` show them as on a cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any, TextIO
 
 from ._architecture import architecture_factory
 from ._checkpoint import load_mapped
-from ._errors import ZeroCopyError
+from ._errors import WeightsNotFoundError, ZeroCopyError
 from ._source import local_path, verify
 from ._store import format_bytes
 from .config import AppArgs
@@ -51,8 +52,8 @@ def preflight(args: AppArgs) -> Path:
     return path
 
 
-def serve_application(
-    application: dict[str, Any],
+def serve_applications(
+    applications: list[dict[str, Any]],
     base_dir: Path,
     *,
     address: str | None = None,
@@ -60,16 +61,21 @@ def serve_application(
     port: int = 8000,
     dashboard_port: int = 8265,
 ) -> None:
-    """Publish, deploy, print the endpoint and a memory summary, then serve until Ctrl-C."""
-    args = AppArgs.model_validate(application["args"])
+    """Publish each model, deploy them all, print their endpoints and memory summaries, then serve until Ctrl-C.
+
+    One config for every application, as KubeRay sends a shared cluster's serveConfigV2; every model is
+    checked before Ray starts, so a bad one costs seconds, not the others' publish.
+    """
+    models = [AppArgs.model_validate(application["args"]) for application in applications]
     os.environ.setdefault("ZEROCOPY_MODEL_DIR", str(base_dir))
     sys.path.insert(0, str(base_dir))
-    preflight(args)
+    for args in models:
+        preflight(args)
     import ray
     from ray import serve
 
     from .serve import find_or_publish
-    from .weights import release
+    from .weights import PublishedModel, release
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Files next to the resource (the architecture's module, handlers) are importable by replicas, and
@@ -81,28 +87,28 @@ def serve_application(
         "ZEROCOPY_MODEL_DIR": os.environ["ZEROCOPY_MODEL_DIR"],
     }
     context = ray.init(
-        address=address,
+        address=address or "local",  # never a `ray start` cluster found unasked: we would leave our apps in it
         runtime_env={"env_vars": env},
         include_dashboard=None if address else True,
         dashboard_port=dashboard_port,
         log_to_driver=False,
     )
-    published = None
+    published: list[PublishedModel] = []
     try:
-        print(f"publishing {args.model.uri} ...", flush=True)
-        started = time.perf_counter()
-        published = find_or_publish(args, progress=ProgressLine(sys.stdout), verified=True)  # by preflight
-        seconds = time.perf_counter() - started
-        print(f"published {format_bytes(published.nbytes)} as {published.name} in {seconds:.1f} s")
-        deploy(application | {"runtime_env": {"env_vars": env}}, host, port)
-        endpoint = f"http://{host}:{port}{application['route_prefix']}"
-        if args.task == "tensor":
-            print(f'serving {args.name} at {endpoint} (POST JSON {{"inputs": ...}}; GET {endpoint}/-/info)')
-        else:
-            print(f"serving {args.name} at {endpoint}: OpenAI-compatible API with base URL {endpoint}/v1 "
-                  f"(POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET {endpoint}/-/info)")  # fmt: skip
-        replicas = wait_running(args.name)
-        print(memory_summary(endpoint, replicas, published.nbytes, published.owner_pid), flush=True)
+        for args in models:
+            print(f"publishing {args.model.uri} ...", flush=True)
+            started = time.perf_counter()
+            published.append(find_or_publish(args, progress=ProgressLine(sys.stdout), verified=True))  # preflight
+            seconds = time.perf_counter() - started
+            print(f"published {format_bytes(published[-1].nbytes)} as {published[-1].name} in {seconds:.1f} s")
+        deploy([application | {"runtime_env": {"env_vars": env}} for application in applications], host, port)
+        endpoints = [f"http://{host}:{port}{application['route_prefix']}" for application in applications]
+        for args, endpoint in zip(models, endpoints, strict=True):
+            print(serving_line(args, endpoint))
+        for application, endpoint, weights in zip(applications, endpoints, published, strict=True):
+            replicas = wait_running(application["name"])
+            summary = memory_summary(endpoint, replicas, weights.nbytes, weights.owner_pid)
+            print(f"{application['name']}: {summary}" if len(applications) > 1 else summary, flush=True)
         dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
         if dashboard:
             gcs = ray.get_runtime_context().gcs_address
@@ -115,24 +121,33 @@ def serve_application(
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
             print("shutting down", flush=True)
     finally:
         if address is not None:  # a cluster we joined keeps running: take back what we put there
             if serve.context._get_global_client(raise_if_no_controller_running=False):
-                serve.delete(args.name)
-            if published is not None:
-                release(published)
+                for application in applications:
+                    serve.delete(application["name"])  # its replicas release its weights as they stop
+            for weights in published:
+                with contextlib.suppress(WeightsNotFoundError):  # released with its application
+                    release(weights)
         ray.shutdown()  # an embedded Ray stops with everything in it
 
 
-def deploy(application: dict[str, Any], host: str, port: int) -> None:
-    """Deploy one application from its config, the way `serve deploy` and KubeRay do."""
+def serving_line(args: AppArgs, endpoint: str) -> str:
+    """Where a model answers, and how to call it."""
+    if args.task == "tensor":
+        return f'serving {args.name} at {endpoint} (POST JSON {{"inputs": ...}}; GET {endpoint}/-/info)'
+    return (f"serving {args.name} at {endpoint}: OpenAI-compatible API with base URL {endpoint}/v1 "
+            f"(POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET {endpoint}/-/info)")  # fmt: skip
+
+
+def deploy(applications: list[dict[str, Any]], host: str, port: int) -> None:
+    """Deploy the applications in one config, the way `serve deploy` and KubeRay do."""
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     serve.start(http_options={"host": host, "port": port})
-    config = ServeDeploySchema.model_validate({"applications": [application]})
+    config = ServeDeploySchema.model_validate({"applications": applications})
     client = serve.context._get_global_client()
     assert client is not None  # serve.start connected it
     client.deploy_apps(config)
@@ -195,6 +210,7 @@ class ProgressLine:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal, even at once, must not cut the clean-up short
     raise KeyboardInterrupt
 
 

@@ -9,6 +9,7 @@ name and attaches in milliseconds.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ import ray
 import torch
 from ray import serve
 from ray.serve import Application
-from ray.serve._private.constants import SERVE_NAMESPACE
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray.serve.generated.serve_pb2 import ApplicationStatus, StatusOverview  # type: ignore[attr-defined]  # built at import
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -35,6 +37,10 @@ from .weights import Progress, PublishedModel, attach, attach_report, lookup, pu
 
 #: How long a replica waits for another replica's publish of the same revision.
 PUBLISH_WAIT_S = 1800.0
+#: How long a stopping replica asks Serve's controller whether its application is going away.
+CONTROLLER_TIMEOUT_S = 5.0
+
+logger = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log, tagged with its id
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -117,6 +123,28 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
     return released
 
 
+def application_deleted(app: str, timeout_s: float = CONTROLLER_TIMEOUT_S) -> bool:
+    """Whether Serve is deleting `app` (or has deleted it), as opposed to scaling or updating it in place."""
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    data: Any = ray.get(controller.get_serve_status.remote(app), timeout=timeout_s)
+    status = StatusOverview.FromString(data).app_status.status
+    gone = (ApplicationStatus.APPLICATION_STATUS_DELETING, ApplicationStatus.APPLICATION_STATUS_NOT_STARTED)
+    return status in gone  # NOT_STARTED: Serve has no application of that name
+
+
+def release_model(model: str) -> list[str]:
+    """Release every published revision of `model`; another replica may have released some first."""
+    released: list[str] = []
+    for name in published_names():
+        if name.rpartition("-")[0] == model:
+            try:
+                release(name)
+                released.append(name)
+            except WeightsNotFoundError:
+                continue
+    return released
+
+
 def _usage(name: str) -> tuple[float, bool]:
     owner = ray.get_actor(actor_name(name), namespace=NAMESPACE)
     usage: Any = ray.get(owner.usage.remote(), timeout=10)
@@ -153,6 +181,7 @@ class ZeroCopyDeployment:
         self.batched.set_max_batch_size(self.args.batching.max_batch_size)  # type: ignore[attr-defined]
         self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
+        self._serving = True
 
     def _start_vllm(self, folder: Path, batching: tuple[int, float]) -> None:
         """vLLM's engine, loading this revision's published weights (its own processes attach to them)."""
@@ -273,9 +302,22 @@ class ZeroCopyDeployment:
         }
 
     def __del__(self) -> None:
-        """Serve's shutdown hook: vLLM's engine processes go with the replica."""
+        """Serve's shutdown hook: vLLM's engine processes go with the replica, the weights with the application.
+
+        The owner outlives replicas so that restarts, scale-downs and in-place
+        updates re-attach instead of re-publishing; only once the application
+        itself is deleted does nothing use its weights any more.
+        """
         if getattr(self, "vllm", None) is not None:
             self.vllm.shutdown()
+        if not getattr(self, "_serving", False):  # never started, or Serve already ran this (Python may again)
+            return
+        self._serving = False
+        try:
+            if application_deleted(serve.get_replica_context().app_name):
+                logger.info("application deleted: released %s", release_model(self.args.name))
+        except Exception:  # a stuck or gone controller must not fail the shutdown
+            logger.exception("could not tell whether %s's application is deleted; its weights stay", self.args.name)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose weights are no longer intact; a lost owner is replaced in place.

@@ -25,11 +25,11 @@ from tests.readme import bash_blocks, first_screen
 pytestmark = pytest.mark.integration
 
 
-def _read_until_serving(process: subprocess.Popen[str], timeout: float = 240) -> list[str]:
-    """`zerocopy serve`'s output up to its memory summary, which it prints once every replica serves."""
+def _read_until_serving(process: subprocess.Popen[str], timeout: float = 240, summaries: int = 1) -> list[str]:
+    """`zerocopy serve`'s output up to its memory summaries (one per model), printed once every replica serves."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
-    while not any("replicas share" in line for line in lines):
+    while sum("replicas share" in line for line in lines) < summaries:
         line = process.stdout.readline()  # type: ignore[union-attr]
         assert line or process.poll() is None, "".join(lines[-40:])
         lines.append(line)
@@ -37,46 +37,54 @@ def _read_until_serving(process: subprocess.Popen[str], timeout: float = 240) ->
     return lines
 
 
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer: dict = json.loads(response.read())
+    return answer
+
+
 def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path) -> None:
+    """Two files, two models: one embedded Ray and Serve, an application and an endpoint line for each."""
     torch.manual_seed(1)
-    model = MLP(16, 1).eval()
-    save_file(model.state_dict(), tmp_path / "mlp.safetensors")
-    resource = {
-        "apiVersion": "zerocopy.dev/v1alpha1",
-        "kind": "ZeroCopyModel",
-        "metadata": {"name": "cli-mlp"},
-        "spec": {
-            "model": {
-                "uri": "file://mlp.safetensors",  # relative to the resource file
-                "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 1}},
+    widths = {"cli-mlp": 16, "cli-wide": 24}
+    models = {name: MLP(width, 1).eval() for name, width in widths.items()}
+    for name, replicas, route in (("cli-mlp", 2, "/cli"), ("cli-wide", 1, "/wide")):
+        save_file(models[name].state_dict(), tmp_path / f"{name}.safetensors")
+        resource = {
+            "apiVersion": "zerocopy.dev/v1alpha1",
+            "kind": "ZeroCopyModel",
+            "metadata": {"name": name},
+            "spec": {
+                "model": {
+                    "uri": f"file://{name}.safetensors",  # relative to the resource file
+                    "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": widths[name], "depth": 1}},
+                },
+                "serving": {"routePrefix": route, "replicas": replicas, "cpusPerReplica": 0.5},
             },
-            "serving": {"routePrefix": "/cli", "replicas": 2},
-        },
-    }
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump(resource))
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(resource))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "zerocopy_operator.cli", "serve", str(tmp_path / "model.yaml"), "--port", str(port),
-         "--dashboard-port", str(port + 1)],
+        [sys.executable, "-m", "zerocopy_operator.cli", "serve", str(tmp_path / "cli-mlp.yaml"),
+         str(tmp_path / "cli-wide.yaml"), "--port", str(port), "--dashboard-port", str(port + 1)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
     try:
-        lines = _read_until_serving(process)
-        assert any(f"http://127.0.0.1:{port}/cli" in line for line in lines)
+        lines = _read_until_serving(process, summaries=2)
+        serving = [line for line in lines if line.startswith("serving ")]
+        assert [line.split()[1:4] for line in serving] == [
+            ["cli-mlp", "at", f"http://127.0.0.1:{port}/cli"], ["cli-wide", "at", f"http://127.0.0.1:{port}/wide"],
+        ], serving  # fmt: skip
         assert any("2 replicas share one" in line for line in lines)
-        x = torch.randn(16)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/cli",
-            data=json.dumps({"inputs": x.tolist()}).encode(),
-            headers={"content-type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            outputs = torch.tensor(json.loads(response.read())["outputs"])
-        with torch.no_grad():
-            assert torch.allclose(outputs, model(x.unsqueeze(0))[0], atol=1e-6)
+        for name, route in (("cli-mlp", "/cli"), ("cli-wide", "/wide")):
+            x = torch.randn(widths[name])
+            outputs = torch.tensor(_post(f"http://127.0.0.1:{port}{route}", {"inputs": x.tolist()})["outputs"])
+            with torch.no_grad():
+                assert torch.allclose(outputs, models[name](x.unsqueeze(0))[0], atol=1e-6)
         _serve_cli_sees_the_application(port + 1)
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=120)
@@ -94,13 +102,13 @@ def _serve_cli_sees_the_application(dashboard_port: int) -> None:
     status = subprocess.run([serve_cli, "status", "-a", address], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     applications = yaml.safe_load(status.stdout)["applications"]
-    assert applications["cli-mlp"]["status"] == "RUNNING"
+    assert applications["cli-mlp"]["status"] == applications["cli-wide"]["status"] == "RUNNING"
     assert applications["cli-mlp"]["deployments"]["ZeroCopyDeployment"]["replica_states"] == {"RUNNING": 2}
     config = subprocess.run([serve_cli, "config", "-a", address], capture_output=True, text=True, timeout=60)
     assert config.returncode == 0, config.stderr
-    deployed = yaml.safe_load(config.stdout)
-    assert (deployed["name"], deployed["import_path"]) == ("cli-mlp", "zerocopy_runtime.serve:build_app")
-    assert deployed["args"]["model"]["uri"] == "file://mlp.safetensors"
+    deployed = {app["name"]: app for app in yaml.safe_load_all(config.stdout)}
+    assert deployed["cli-mlp"]["import_path"] == "zerocopy_runtime.serve:build_app"
+    assert deployed["cli-wide"]["args"]["model"]["uri"] == "file://cli-wide.safetensors"
 
 
 def test_a_replica_that_fails_to_start_is_reported_with_its_own_error(tmp_path: Path) -> None:
