@@ -232,6 +232,11 @@ def memory_summary(endpoint: str, replicas: int, model_bytes: int, owner_pid: in
         total = sum(pss_bytes(pid) for pid in [*pids, owner_pid])
     except OSError:  # replicas on other nodes: no /proc to read here
         return f"{replicas} replicas share one {format_bytes(model_bytes)} copy per node"
+    if len(pids) == 1:
+        return (
+            f"1 replica attached to one {format_bytes(model_bytes)} copy: replica and owner use "
+            f"{format_bytes(total)} in all (PSS); more replicas share the same copy"
+        )
     extra = format_bytes((len(pids) - 1) * model_bytes)
     return (
         f"{len(pids)} replicas share one {format_bytes(model_bytes)} copy: replicas and owner use "

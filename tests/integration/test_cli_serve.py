@@ -25,11 +25,11 @@ from tests.readme import bash_blocks, first_screen
 pytestmark = pytest.mark.integration
 
 
-def _read_until_serving(process: subprocess.Popen[str], timeout: float = 240, summaries: int = 1) -> list[str]:
-    """`zerocopy serve`'s output up to its memory summaries (one per model), printed once every replica serves."""
+def _read_until_serving(process: subprocess.Popen[str], timeout: float = 240) -> list[str]:
+    """`zerocopy serve`'s output up to its dashboard line, printed after every model's replicas serve."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
-    while sum("replicas share" in line for line in lines) < summaries:
+    while not any(line.startswith("Ray dashboard at") for line in lines):
         line = process.stdout.readline()  # type: ignore[union-attr]
         assert line or process.poll() is None, "".join(lines[-40:])
         lines.append(line)
@@ -74,12 +74,13 @@ def test_zerocopy_serve_publishes_serves_and_shuts_down_on_ctrl_c(tmp_path: Path
         env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
     try:
-        lines = _read_until_serving(process, summaries=2)
+        lines = _read_until_serving(process)
         serving = [line for line in lines if line.startswith("serving ")]
         assert [line.split()[1:4] for line in serving] == [
             ["cli-mlp", "at", f"http://127.0.0.1:{port}/cli"], ["cli-wide", "at", f"http://127.0.0.1:{port}/wide"],
         ], serving  # fmt: skip
-        assert any("2 replicas share one" in line for line in lines)
+        assert any(line.startswith("cli-mlp: 2 replicas share one") for line in lines), lines
+        assert any(line.startswith("cli-wide: 1 replica attached to one") for line in lines), lines
         for name, route in (("cli-mlp", "/cli"), ("cli-wide", "/wide")):
             x = torch.randn(widths[name])
             outputs = torch.tensor(_post(f"http://127.0.0.1:{port}{route}", {"inputs": x.tolist()})["outputs"])

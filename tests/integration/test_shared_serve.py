@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from tests.conftest import ROOT, delete_model
@@ -36,14 +37,16 @@ def models(serve_port: int, tmp_path: Path) -> Iterator[dict[str, MLP]]:
 
 
 def _application(name: str, folder: Path, **serving: Any) -> dict[str, Any]:
-    """The Serve application the operator puts in serveConfigV2 for a ZeroCopyModel on a shared cluster."""
-    from zerocopy_operator.manifests import build_serve_application, parse_spec
+    """The Serve application the operator puts in its ZeroCopyCluster's serveConfigV2 for a model naming it."""
+    from zerocopy_operator.manifests import build_cluster_rayservice, parse_cluster_spec
+    from zerocopy_operator.placement import plan_cluster
 
     resource = {
         "apiVersion": "zerocopy.dev/v1alpha1",
         "kind": "ZeroCopyModel",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "namespace": "default"},
         "spec": {
+            "clusterRef": {"name": "pool"},
             "model": {
                 "uri": f"file://{folder / f'{name}.safetensors'}",
                 "architecture": {"factory": "tests.models:MLP", "kwargs": {"width": 16, "depth": 1}},
@@ -51,8 +54,11 @@ def _application(name: str, folder: Path, **serving: Any) -> dict[str, Any]:
             "serving": {"replicas": 1, "cpusPerReplica": 0.25} | serving,
         },
     }
-    application = build_serve_application(name, parse_spec(resource), f"/{name}")
-    return application | {"runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}}}
+    cluster = {"metadata": {"name": "pool", "namespace": "default"}, "spec": {}}
+    plan = plan_cluster("pool", parse_cluster_spec(cluster), [resource], {})
+    rayservice = build_cluster_rayservice(cluster, plan.applications, "runtime:test")
+    (application,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    return dict(application) | {"runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}}}
 
 
 def _deploy(applications: list[dict[str, Any]]) -> None:
