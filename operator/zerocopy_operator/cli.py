@@ -115,8 +115,9 @@ def serve_files(
     """
     from .manifests import build_serve_application, route_prefix
 
-    documents = list(read_resources(paths))
-    models = [(p, _namespaced(d)) for p, d in documents if d.get("kind") == "ZeroCopyModel"]
+    documents = [(path, _namespaced(doc)) for path, doc in read_resources(paths)]
+    check_names(documents)
+    models = [(p, d) for p, d in documents if d.get("kind") == "ZeroCopyModel"]
     if not models:
         raise UserError(f"{', '.join(map(str, paths))}: holds no ZeroCopyModel; give the YAML of at least one")
     folders = {p.resolve().parent for p, _ in models}
@@ -268,6 +269,30 @@ def validate_files(paths: list[Path]) -> int:
     return 1 if failed else 0
 
 
+def check_names(documents: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse what the API server would merge or KubeRay could not tell apart: a kind and name twice in a
+    namespace, or a ZeroCopyCluster and a model with a cluster of its own under one name (both make a
+    RayService of that name)."""
+    from .placement import cluster_ref
+
+    seen: dict[tuple[str, str, str], tuple[Path, str]] = {}
+    for path, resource in documents:
+        kind, (namespace, name) = str(resource.get("kind")), _key(resource)
+        keys = [(kind, namespace, name)]
+        if kind == "ZeroCopyCluster" or (kind == "ZeroCopyModel" and cluster_ref(resource) is None):
+            keys.append(("RayService", namespace, name))
+        for key in keys:
+            if key in seen:
+                where, other = seen[key]
+                what = (
+                    f"appears twice ({where} has it too)"
+                    if other == kind
+                    else (f"and {other}/{name} ({where}) would both make RayService {name}")
+                )
+                raise UserError(f"{path}: {kind}/{name} in namespace {namespace} {what}: give each its own name")
+            seen[key] = (path, kind)
+
+
 def _key(resource: dict[str, Any]) -> tuple[str, str]:
     return resource["metadata"]["namespace"], str(resource["metadata"].get("name"))
 
@@ -300,6 +325,7 @@ def render_files(paths: list[Path], image: str) -> int:
     from .validation import InvalidSpec, validate_cluster
 
     documents = [(path, _namespaced(doc)) for path, doc in read_resources(paths)]
+    check_names(documents)
     models = [doc for _, doc in documents if doc.get("kind") == "ZeroCopyModel"]
     clusters = {_key(doc) for _, doc in documents if doc.get("kind") == "ZeroCopyCluster"}
     rendered = []

@@ -20,7 +20,7 @@ from .kube import Kube
 from .manifests import build_cluster_rayservice, serve_url
 from .placement import ClusterPlan, Member, members_of, plan_cluster
 from .reconcile import Settings, adopt, apply_desired, now, observe, owns
-from .status import application_status, cluster_status, invalid_status, waiting_status
+from .status import NOT_SERVING, application_status, cluster_status, invalid_status, waiting_status
 from .validation import InvalidSpec, validate_cluster
 
 CLUSTER_NOT_FOUND = "ClusterNotFound"
@@ -52,11 +52,11 @@ def reconcile_cluster(kube: Kube, resource: dict[str, Any], settings: Settings) 
     meta = resource["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     spec = validate_cluster(resource)
+    current = kube.get_rayservice(namespace, name)  # first: a change after the listing below fails the replace
     models = kube.list_models(namespace)
-    current = kube.get_rayservice(namespace, name)
     plan = plan_cluster(name, spec, models, current_applications(resource, current))
     desired = adopt(resource, build_cluster_rayservice(resource, plan.applications, settings.default_image))
-    action, _ = apply_desired(kube, resource, desired)
+    action, _ = apply_desired(kube, resource, desired, current)
     rayservice = current if action == "unchanged" else kube.get_rayservice(namespace, name)
     statuses = {m.name: member_status(kube, m, settings, rayservice) for m in plan.members}
     entries = [model_entry(m, statuses[m.name], rayservice) for m in plan.members]
@@ -74,7 +74,8 @@ def member_status(kube: Kube, member: Member, settings: Settings, rayservice: di
         generation = resource["metadata"].get("generation")
         previous = (resource.get("status") or {}).get("conditions") or []
         status = invalid_status(message, generation, previous, now())
-        return {**status, "cluster": member.spec.cluster_ref.name if member.spec and member.spec.cluster_ref else None}
+        cluster = member.spec.cluster_ref.name if member.spec and member.spec.cluster_ref else None
+        return {**status, "cluster": cluster, **({} if member.application is not None else NOT_SERVING)}
     return observe(kube, resource, member.spec, settings, rayservice)
 
 
@@ -149,11 +150,11 @@ def holding(kube: Kube, namespace: str, model: str) -> list[str]:
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a status differs in more than its conditions' timestamps."""
+    """Whether patching `new` (a merge patch: the keys it names) would change more than conditions' timestamps."""
 
-    def strip(status: dict[str, Any]) -> dict[str, Any]:
-        conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []]
-        # A merge patch deletes what it sets to null: absent and None are the same status.
-        return {**{k: v for k, v in status.items() if v is not None}, "conditions": conditions}
+    def plain(status: dict[str, Any], key: str) -> Any:
+        if key == "conditions":
+            return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get(key) or []]
+        return status.get(key)  # a merge patch deletes what it sets to null: absent and None are the same
 
-    return strip(old) != strip(new)
+    return any(plain(old, key) != plain(new, key) for key in new)

@@ -123,6 +123,7 @@ def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -
     namespace, name = resource["metadata"]["namespace"], resource["metadata"]["name"]
     try:
         outcome = cl.reconcile_cluster(memo.kube, resource, memo.settings)
+        cl.write(memo.kube, namespace, resource, outcome, own=False)
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
@@ -134,7 +135,6 @@ def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -
         kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
         _sync_quietly(memo, namespace, name)  # its models say that they wait for the cluster to be fixed
         raise kopf.PermanentError(str(exc)) from None
-    cl.write(memo.kube, namespace, resource, outcome, own=False)
     if outcome.action != "unchanged":
         kopf.event(body, type="Normal", reason=outcome.action.title(), message=f"RayService {name} {outcome.action}")
     patch.status.update(outcome.status)
@@ -201,6 +201,13 @@ def model_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         affected.add(ref)
     for cluster in sorted(affected):
         _sync_quietly(memo, namespace, cluster)
+    try:
+        _retry_refused(memo, namespace)
+    except ApiException as exc:  # kopf never retries an event handler: say so, the next deletion retries
+        logging.getLogger(__name__).warning("Not retrying refused models in %s: %s", namespace, exc)
+
+
+def _retry_refused(memo: Any, namespace: str) -> None:
     for other in memo.kube.list_models(namespace):
         if _refused(other):
             try:

@@ -82,27 +82,75 @@ def plan_cluster(
     models: Sequence[dict[str, Any]],
     current: dict[str, dict[str, Any]],
 ) -> ClusterPlan:
-    """Place the namespace's `models` that name cluster `name`; `current`: the applications it serves now."""
+    """Place the namespace's `models` that name cluster `name`; `current`: the applications it serves now.
+
+    What Serve keeps serving as it is (an unchanged application, or a refused model's previous one) takes
+    its room first; then changed and new models, oldest first, each checked against what is left. So an
+    edit that grows a model is refused, never the unchanged model beside it.
+    """
     store = {g.name: GroupUse(g.name, quantity.to_bytes(g.object_store_memory)) for g in spec.worker_groups}
     secrets = {s.name for s in spec.credentials_secrets}
-    members = []
-    for resource in members_of(name, models):
-        known = ((resource.get("status") or {}).get("weights") or {}).get("bytes")
-        model: ZeroCopyModelSpec | None = None
-        try:
-            model = validate(resource, models, known_bytes=known, cluster=spec)
-        except InvalidSpec as exc:
-            problems = list(exc.problems)
-        else:
-            problems = _secret_problems(name, model, secrets) + _room_problems(name, spec, model, known, store)
-        size = model_bytes(model, known) if model is not None else known
-        application: dict[str, Any] | None = current.get(resource["metadata"]["name"])  # kept while refused
-        if model is not None and not problems:
-            application = build_serve_application(resource["metadata"]["name"], model, route_prefix(resource, model))
+    drafts = [_draft(resource, models, spec, current) for resource in members_of(name, models)]
+    decided: dict[str, Member] = {}
+    for draft in sorted(drafts, key=lambda d: not d.stays):  # stable: oldest first within each pass
+        problems = list(draft.problems)
+        if draft.model is not None and not problems:
+            served_elsewhere = {
+                str(app["route_prefix"]): other for other, app in current.items() if other != draft.name
+            }  # a route another application serves now stays taken until that one has moved
+            route = draft.application["route_prefix"] if draft.application else None
+            if route in served_elsewhere:
+                problems.append(
+                    f"route prefix {route} is served now by ZeroCopyModel {served_elsewhere[route]}'s application on "
+                    f"ZeroCopyCluster {name}: set a different serving.routePrefix (or wait until that model's new "
+                    "route is deployed)"
+                )
+            problems += _secret_problems(name, draft.model, secrets)
+            problems += _room_problems(name, spec, draft.model, draft.size, store)
+        kept = bool(problems)
+        application = current.get(draft.name) if kept else draft.application  # kept while refused
+        # A kept application holds the weights its replicas reported, not those of the refused edit.
+        size = (draft.reported if draft.reported is not None else draft.size) if kept else draft.size
         if application is not None:
-            _occupy(store, spec, model, resource["metadata"]["name"], size)
-        members.append(Member(resource, model, problems, application, size))
-    return ClusterPlan(members, list(store.values()))
+            _occupy(store, spec, draft.model, draft.name, size)
+        decided[draft.name] = Member(draft.resource, draft.model, problems, application, size)
+    return ClusterPlan([decided[d.name] for d in drafts], list(store.values()))
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A member before placement: its validated spec (or problems), and the application it would get."""
+
+    resource: dict[str, Any]
+    model: ZeroCopyModelSpec | None
+    problems: list[str]
+    application: dict[str, Any] | None
+    size: int | None
+    #: The size its replicas last reported (status.weights.bytes).
+    reported: int | None
+    #: Serve keeps serving it as it is: its application is unchanged, or it is refused and keeps the one it had.
+    stays: bool
+
+    @property
+    def name(self) -> str:
+        return str(self.resource["metadata"]["name"])
+
+
+def _draft(
+    resource: dict[str, Any],
+    models: Sequence[dict[str, Any]],
+    spec: ZeroCopyClusterSpec,
+    current: dict[str, dict[str, Any]],
+) -> _Draft:
+    name = resource["metadata"]["name"]
+    known = ((resource.get("status") or {}).get("weights") or {}).get("bytes")
+    try:
+        model = validate(resource, models, known_bytes=known, cluster=spec)
+    except InvalidSpec as exc:
+        return _Draft(resource, None, list(exc.problems), None, known, known, name in current)
+    application = build_serve_application(name, model, route_prefix(resource, model))
+    size = model_bytes(model, known)
+    return _Draft(resource, model, [], application, size, known, current.get(name) == application)
 
 
 def _landing_groups(spec: ZeroCopyClusterSpec, model: ZeroCopyModelSpec | None) -> list[str]:
@@ -129,15 +177,21 @@ def _room_problems(
     cluster: str,
     spec: ZeroCopyClusterSpec,
     model: ZeroCopyModelSpec,
-    known: int | None,
+    size: int | None,
     store: dict[str, GroupUse],
 ) -> list[str]:
     """Each group a replica may land on must hold this model's weights beside those already placed there."""
-    size = model_bytes(model, known)
+    groups = _landing_groups(spec, model)
+    if not groups:
+        return [
+            f"no worker group of ZeroCopyCluster {cluster} has both {model.serving.gpus_per_replica:g} GPUs and "
+            f"{model.serving.cpus_per_replica:g} CPUs per pod for a replica: give one group both, or lower "
+            "serving.gpusPerReplica or cpusPerReplica"
+        ]
     if size is None:
         return []  # unknown until a replica reports it; set model.size to have it checked before deploying
     problems = []
-    for group in _landing_groups(spec, model):
+    for group in groups:
         use = store[group]
         if use.weights_bytes + size > use.capacity_bytes:
             there = (

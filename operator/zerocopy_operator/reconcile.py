@@ -89,17 +89,21 @@ def adopt(owner: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
 
 def apply(kube: Kube, resource: dict[str, Any], settings: Settings) -> tuple[str, dict[str, Any]]:
     """Create the model's RayService, or put back what drifted from the desired one. Returns what it did."""
-    return apply_desired(kube, resource, desired_rayservice(resource, settings))
+    meta = resource["metadata"]
+    current = kube.get_rayservice(meta["namespace"], meta["name"])
+    return apply_desired(kube, resource, desired_rayservice(resource, settings), current)
 
 
 def owns(owner: dict[str, Any], rayservice: dict[str, Any]) -> bool:
     return any(o.get("uid") == owner["metadata"]["uid"] for o in rayservice["metadata"].get("ownerReferences") or [])
 
 
-def apply_desired(kube: Kube, owner: dict[str, Any], desired: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Create `desired`, or put back what drifted from it in the owner's RayService. Returns what it did."""
+def apply_desired(
+    kube: Kube, owner: dict[str, Any], desired: dict[str, Any], current: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """Create `desired`, or put back what drifted from it in `current`, the owner's RayService as read before
+    `desired` was planned: its resourceVersion makes a concurrent change fail (409, retried), never lost."""
     meta = owner["metadata"]
-    current = kube.get_rayservice(meta["namespace"], desired["metadata"]["name"])
     if current is None:
         kube.create_rayservice(meta["namespace"], desired)
         return "created", desired

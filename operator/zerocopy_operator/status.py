@@ -15,6 +15,10 @@ from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
 from .manifests import DEPLOYMENT, service_name
 
 CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady")
+#: What a status says of a model that nothing serves (a merge patch's nulls delete what it showed before).
+NOT_SERVING: dict[str, Any] = {
+    "rayService": None, "endpoint": None, "openaiBaseUrl": None, "weights": None, "replicas": None, "readyReplicas": 0,
+}  # fmt: skip
 INVALID_SPEC = "InvalidSpec"
 #: An unexpected failure (a bug) on this generation: reported like a bad spec, never retried in a loop.
 OPERATOR_ERROR = "OperatorError"
@@ -119,6 +123,7 @@ def waiting_status(resource: dict[str, Any], reason: str, message: str, now: str
         "phase": "Pending",
         "conditions": stamp(conditions, previous, now, meta.get("generation")),
         "cluster": ((resource.get("spec") or {}).get("clusterRef") or {}).get("name"),
+        **NOT_SERVING,
     }
 
 

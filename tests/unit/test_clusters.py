@@ -221,3 +221,64 @@ def test_each_model_reads_its_own_application_and_the_cluster_counts_them() -> N
         {"group": "gpu", "capacityBytes": 2 * 2**30, "weightsBytes": 607 * MiB, "models": ["chat", "minilm"]}
     ]
     assert status["objectStoreSummary"] == "gpu 607Mi/2Gi"
+
+
+def _served(cluster: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The applications the cluster's RayService serves for `models`, as `current_applications` reads them."""
+    owned = _rayservice(cluster, models)
+    owned["metadata"]["ownerReferences"] = [{"uid": cluster["metadata"]["uid"]}]
+    return current_applications(cluster, owned)
+
+
+def test_an_edit_that_grows_a_model_is_refused_not_the_unchanged_model_beside_it() -> None:
+    cluster, models = _documents()
+    current = _served(cluster, models)
+    grown = copy.deepcopy(models)
+    # chat, the older, moves to bigger weights: with minilm's 87Mi more than the 2Gi store
+    grown[0]["spec"]["model"].update(uri="file://.cache/smollm2-1.7b", size="1980Mi")
+    grown[0]["status"] = {"weights": {"bytes": 513 * MiB}}  # what its replicas reported of the weights they serve
+    plan = plan_cluster("shared", parse_cluster_spec(cluster), grown, current)
+    chat, minilm = plan.members
+    assert minilm.problems == []
+    assert "would not fit worker group gpu" in chat.problems[0]
+    assert chat.application == current["chat"]  # its previous application keeps serving
+    assert plan.store[0].weights_bytes <= plan.store[0].capacity_bytes
+
+
+def test_a_route_a_kept_application_still_serves_is_not_given_to_another_model() -> None:
+    cluster, models = _documents()
+    current = _served(cluster, models)
+    edited = copy.deepcopy(models)
+    edited[0]["spec"]["serving"]["routePrefix"] = "/x"
+    edited[0]["spec"]["model"]["size"] = "4Gi"  # refused: chat keeps serving /chat
+    edited[1]["spec"]["serving"]["routePrefix"] = "/chat"
+    plan = plan_cluster("shared", parse_cluster_spec(cluster), edited, current)
+    assert "route prefix /chat is served now by ZeroCopyModel chat's application" in plan.members[1].problems[0]
+    routes = [app["route_prefix"] for app in plan.applications]
+    assert sorted(routes) == ["/chat", "/minilm"]  # both previous applications, no duplicate route
+
+
+def test_a_replica_needing_gpus_of_one_group_and_cpus_of_another_is_refused() -> None:
+    cluster, models = _documents()
+    cluster["spec"]["workerGroups"] = [
+        {"name": "gpu", "gpus": 1, "cpu": "1", "objectStoreMemory": "2Gi"},
+        {"name": "cpu", "gpus": 0, "cpu": "8", "objectStoreMemory": "2Gi"},
+    ]
+    models[1]["spec"]["serving"].update(gpusPerReplica=1, cpusPerReplica=4)
+    (message,) = _problems(cluster, models)["minilm"]
+    assert message.startswith("no worker group of ZeroCopyCluster shared has both 1 GPUs and 4 CPUs per pod")
+
+
+def test_the_cli_refuses_two_resources_that_would_be_one() -> None:
+    from zerocopy_operator.cli import UserError, check_names
+
+    cluster, models = _documents()
+    check_names([(Path("a.yaml"), d) for d in [cluster, *models]])
+    twice = [(Path("a.yaml"), models[0]), (Path("b.yaml"), copy.deepcopy(models[0]))]
+    with pytest.raises(UserError, match=r"ZeroCopyModel/chat in namespace models appears twice \(a\.yaml"):
+        check_names(twice)
+    own = copy.deepcopy(models[0])
+    own["metadata"]["name"] = "shared"
+    del own["spec"]["clusterRef"]
+    with pytest.raises(UserError, match="would both make RayService shared"):
+        check_names([(Path("a.yaml"), cluster), (Path("b.yaml"), own)])
