@@ -48,7 +48,8 @@ class Architecture(ApiModel):
             "set exactly one of architecture.factory or architecture.transformers",
         ),
         (
-            "!has(self.transformers) || !has(self.kwargs) || size(self.kwargs) == 0",
+            # dyn(): a free-form object has no CEL type that size() takes; its value at run time is a map.
+            "!has(self.transformers) || !has(self.kwargs) || size(dyn(self.kwargs)) == 0",
             "architecture.kwargs go with factory; a transformers model reads its config.json",
         ),
         ("!has(self.factory) || !has(self.config)", "architecture.config goes with transformers, not factory"),
