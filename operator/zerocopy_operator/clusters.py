@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from .kube import Kube
 from .manifests import build_cluster_rayservice, serve_url
-from .placement import ClusterPlan, Member, members_of, plan_cluster
+from .placement import ClusterPlan, Member, cluster_ref, members_of, plan_cluster
 from .reconcile import Settings, adopt, apply_desired, now, observe, owns
 from .status import NOT_SERVING, application_status, cluster_status, invalid_status, waiting_status
 from .validation import InvalidSpec, validate_cluster
@@ -74,8 +74,8 @@ def member_status(kube: Kube, member: Member, settings: Settings, rayservice: di
         generation = resource["metadata"].get("generation")
         previous = (resource.get("status") or {}).get("conditions") or []
         status = invalid_status(message, generation, previous, now())
-        cluster = member.spec.cluster_ref.name if member.spec and member.spec.cluster_ref else None
-        return {**status, "cluster": cluster, **({} if member.application is not None else NOT_SERVING)}
+        # As written, not from the (refused) spec: the model still names its cluster, which may keep serving it.
+        return {**status, "cluster": cluster_ref(resource), **({} if member.application is not None else NOT_SERVING)}
     return observe(kube, resource, member.spec, settings, rayservice)
 
 

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import kopf
+import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from . import clusters as cl
@@ -27,6 +28,10 @@ from .status import REFUSED
 MODELS = (GROUP, VERSION, PLURAL)
 CLUSTERS = (GROUP, VERSION, CLUSTER_PLURAL)
 RAYSERVICES = (RAY_GROUP, RAY_VERSION, RAY_PLURAL)
+#: Transient whatever the spec: an API error (an answer: 409 on a concurrent change, 500, 503), or no answer at all
+#: (the API server restarting, a dropped connection, a timeout), which the client raises from urllib3 or the socket.
+#: Not every OSError: a bug that raises one (a missing file) is reported, not retried forever in silence.
+TRANSIENT = (ApiException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 @kopf.on.startup()
@@ -66,8 +71,8 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> 
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
-    except ApiException as exc:
-        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10) from None
+    except TRANSIENT as exc:
+        raise _retry(exc) from None
     except Exception as exc:  # a bad spec, or a bug: either way retrying the same spec cannot help
         status = rc.refused_status(resource, exc)
         patch.status.update(status)
@@ -127,8 +132,8 @@ def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
-    except ApiException as exc:
-        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10) from None
+    except TRANSIENT as exc:
+        raise _retry(exc) from None
     except Exception as exc:  # a bad spec, or a bug
         status = rc.refused_status(resource, exc)
         patch.status.update(status)
@@ -203,7 +208,7 @@ def model_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         _sync_quietly(memo, namespace, cluster)
     try:
         _retry_refused(memo, namespace)
-    except ApiException as exc:  # kopf never retries an event handler: say so, the next deletion retries
+    except TRANSIENT as exc:  # kopf never retries an event handler: say so, the next deletion retries
         logging.getLogger(__name__).warning("Not retrying refused models in %s: %s", namespace, exc)
 
 
@@ -212,10 +217,19 @@ def _retry_refused(memo: Any, namespace: str) -> None:
         if _refused(other):
             try:
                 rc.check(memo.kube, other)
+            except TRANSIENT:
+                raise  # not "still refused": the API did not answer
             except Exception:  # still refused: its condition already says why
                 continue
             # Valid now: touch an annotation so that kopf runs the model's update handler.
             memo.kube.annotate_model(namespace, other["metadata"]["name"], {f"{GROUP}/retry": rc.now()})
+
+
+def _retry(exc: Exception) -> kopf.TemporaryError:
+    """A short back-off, for a TRANSIENT error: never a condition that pins the resource until its spec changes."""
+    if isinstance(exc, ApiException):
+        return kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10)
+    return kopf.TemporaryError(f"Kubernetes API unreachable ({type(exc).__name__}: {exc}); retrying", delay=10)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
