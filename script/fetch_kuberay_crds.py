@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fetch KubeRay v1.7.0's CRDs (from its Helm chart) to where the tests look for them.
 
-The operator's emulator tests need KubeRay's RayService CRD; it is not vendored. This pulls the chart
+The kube tests need KubeRay's RayService CRD; it is not vendored. This pulls the chart
 `kuberay-operator` 1.7.0 with helm (`python script/install_helm.py` puts one in .tools/bin) and copies its
 `crds/ray.io_*.yaml` to `$ZEROCOPY_KUBERAY_CRDS`, or `../shared/kuberay-crds` beside the repository.
 Needs network access to https://ray-project.github.io/kuberay-helm/.

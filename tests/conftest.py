@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kube.clusters import Cluster, session_cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Small on purpose: tests must fit a 2-core CI machine; the store-full test relies on it.
 STORE_BYTES = 384 * 2**20
@@ -20,8 +22,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--kubeconfig",
         default=None,
-        help="run the operator tests against this cluster instead of the API emulator on 127.0.0.1",
+        help="run the kube tests against this cluster instead of a control plane of their own (envtest's binaries)",
     )
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One real Kubernetes API per test session: etcd and kube-apiserver on loopback (tests/kube/envtest.py), or the
+    cluster `--kubeconfig` names; our CRDs and KubeRay's are installed. Skips, saying where binaries were looked
+    for, when there are none."""
+    with session_cluster(request.config, tmp_path_factory.mktemp("kube")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def kube_namespace(kube_cluster: Cluster) -> str:
+    """A namespace of the test's own (deleted at the end of the session, without waiting)."""
+    return kube_cluster.new_namespace()
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,17 @@
-"""Values of a CRD's schema for property tests: what hypothesis-jsonschema draws, and what the API server keeps.
+"""Values of a CRD's schema for property tests: what hypothesis-jsonschema draws from a structural schema.
 
 A CRD's `openAPIV3Schema` is an OpenAPI v3 *structural* schema, not JSON
 Schema: `x-kubernetes-int-or-string`, `x-kubernetes-preserve-unknown-fields`,
 OpenAPI 3.0's boolean `exclusiveMinimum`, Go (RE2) regular expressions, and
-unknown fields that the API server prunes instead of refusing. The helpers
-here turn it into JSON Schema that hypothesis-jsonschema generates from.
-What the API server itself does to a value (defaulting, pruning, CEL rules
-run with cel-python) lives in the API emulator (tests/kube/_structural.py,
-tests/kube/_cel.py), re-exported here, so that the property tests and the
-emulator apply one copy of those rules.
+unknown fields that the API server prunes (or, with `fieldValidation=Strict`,
+refuses) instead of validating. The helpers here turn it into JSON Schema
+that hypothesis-jsonschema generates from, and assemble objects from it.
+
+Only generation lives here. What the API server itself does to a value
+(defaulting, pruning, CEL rules) is asked of a real one (tests/kube/clusters.py,
+`Cluster.dry_run_create`): a copy of its rules here would test the copy.
+The CEL rules of a node reach generation only through the `keep` callback of
+`strategy_for`, which the caller answers (with the API server).
 """
 
 from __future__ import annotations
@@ -24,25 +27,25 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from tests.kube import _cel
-from tests.kube._cel import compile_rules
-from tests.kube._openapi import go_regex
-from tests.kube._structural import apply_defaults, child, pruned_fields
-
 __all__ = [
     "INT_OR_STRING",
-    "apply_defaults",
+    "Keep",
+    "NodePath",
+    "biased_coin",
     "boundary_values",
-    "cel_violations",
-    "compile_rules",
+    "child",
     "go_regex",
     "integer_format_violations",
     "openapi_schema",
-    "pruned_fields",
     "satisfying",
     "strategy_for",
     "to_json_schema",
 ]
+
+#: Where a node sits in the resource: field names, and 0 for an array's items (`("spec", "groups", 0)`).
+NodePath = tuple[str | int, ...]
+#: Whether a value drawn for a node with CEL rules (`x-kubernetes-validations`) is one to keep: (path, node, value).
+Keep = Callable[[NodePath, dict[str, Any], Any], bool]
 
 #: The custom format hypothesis-jsonschema draws the string side of an int-or-string from.
 INT_OR_STRING = "x-int-or-string"
@@ -71,6 +74,22 @@ def openapi_schema(crd_path: Path, version: str) -> dict[str, Any]:
     crd = yaml.safe_load(crd_path.read_text())
     served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
     return dict(served["schema"]["openAPIV3Schema"])
+
+
+def go_regex(pattern: str) -> str:
+    """A Go (RE2) pattern as a Python one with the same meaning: `\\w`, `\\d`, `\\s` and `\\b` are ASCII in RE2.
+
+    (`$` at the end also matches before a final newline in Python, which RE2's does not: a value ending in a
+    newline can match here and be refused by a real server.)
+    """
+    return pattern if pattern.startswith("(?a)") else "(?a)" + pattern
+
+
+def child(schema: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The schema of field `name` of an object of `schema`, if it has one."""
+    extra = schema.get("additionalProperties")
+    sub = schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else None)
+    return sub if isinstance(sub, dict) else None
 
 
 def to_json_schema(
@@ -154,9 +173,15 @@ def _cap(schema: dict[str, Any], low: str, high: str, cap: int) -> int:
 
 
 def strategy_for(
-    schema: dict[str, Any], custom_formats: dict[str, st.SearchStrategy[str]] | None = None, **caps: int
+    schema: dict[str, Any],
+    custom_formats: dict[str, st.SearchStrategy[str]] | None = None,
+    *,
+    keep: Keep | None = None,
+    path: NodePath = (),
+    presence: dict[NodePath, float] | None = None,
+    **caps: int,
 ) -> st.SearchStrategy[Any]:
-    """Values of the structural `schema` that its CEL rules accept once defaulted, drawn from a strategy built once.
+    """Values of the structural `schema` (at `path` in the resource), drawn from a strategy built once.
 
     Every leaf (strings, numbers, enums, int-or-strings) comes from
     hypothesis-jsonschema's `from_schema` on `to_json_schema(leaf)`, or half
@@ -166,14 +191,19 @@ def strategy_for(
     hypothesis-jsonschema 0.23's own object strategy rebuilds its
     sub-strategies on every draw (a fifth of a second per ZeroCopyModel, and
     minutes of shrinking), and it calls `many(...).more()`, which current
-    Hypothesis no longer has. A node with CEL rules filters its own values
-    (defaulted, as the API server checks them), so a broken rule redraws that
-    node, not the whole object; callers still check every rule at the end
-    (`cel_violations`), for rules that read beyond their node.
+    Hypothesis no longer has. An optional field is there half the time, or
+    with the probability `presence[its path]`.
+
+    CEL rules are not evaluated here. A node that has some is redrawn until
+    `keep(path, node, value)` says yes (`satisfying`), so that a broken rule
+    redraws that node, not the whole object: with a dozen rules on optional
+    fields, whole objects that keep every one are a few in a hundred. Without
+    `keep` the rules are ignored, and the caller must expect values the API
+    server refuses.
     """
     formats = custom_formats or {}
 
-    def build(node: dict[str, Any]) -> st.SearchStrategy[Any]:
+    def build(node: dict[str, Any], where: NodePath) -> st.SearchStrategy[Any]:
         converted = to_json_schema(node, **caps)
         kind = converted.get("type")
         values: st.SearchStrategy[Any]
@@ -183,14 +213,19 @@ def strategy_for(
             if properties:
                 required = set(node.get("required", []))
                 values = _objects(
-                    {name: build(sub) for name, sub in properties.items() if name in required},
-                    {name: build(sub) for name, sub in properties.items() if name not in required},
+                    {name: build(sub, (*where, name)) for name, sub in properties.items() if name in required},
+                    {name: build(sub, (*where, name)) for name, sub in properties.items() if name not in required},
+                    {name: p for name in properties if (p := (presence or {}).get((*where, name))) is not None},
                 )
             else:
                 extra = node.get("additionalProperties")
                 if isinstance(extra, dict) or "additionalProperties" in converted:
                     keys = from_schema({"type": "string", **converted.get("propertyNames", {})})
-                    items = build(extra) if isinstance(extra, dict) else from_schema(converted["additionalProperties"])
+                    items = (
+                        build(extra, (*where, "*"))
+                        if isinstance(extra, dict)
+                        else from_schema(converted["additionalProperties"])
+                    )
                     values = st.dictionaries(keys, items, max_size=converted.get("maxProperties"))
                 else:
                     values = st.builds(dict)  # no fields, and unknown ones are pruned
@@ -198,7 +233,7 @@ def strategy_for(
             _refuse_unknown(converted, _ARRAY_KEYWORDS)
             unique_by: Callable[[Any], Any] | None = repr if converted.get("uniqueItems") else None
             values = st.lists(
-                build(node["items"]),
+                build(node["items"], (*where, 0)),
                 min_size=converted.get("minItems", 0),
                 max_size=converted["maxItems"],
                 unique_by=unique_by,
@@ -210,32 +245,60 @@ def strategy_for(
             special = [*boundary_values(converted), *([node["default"]] if "default" in node else [])]
             if special:
                 values = st.one_of(values, st.sampled_from(special))
-        if node.get("x-kubernetes-validations"):
-            values = satisfying(values, lambda value: not _cel.node_errors(node, apply_defaults(node, value)))
+        if keep is not None and node.get("x-kubernetes-validations"):
+            values = satisfying(values, lambda value: keep(where, node, value))
         return values
 
-    return build(schema)
+    return build(schema, path)
 
 
 def _objects(
-    required: dict[str, st.SearchStrategy[Any]], optional: dict[str, st.SearchStrategy[Any]]
+    required: dict[str, st.SearchStrategy[Any]],
+    optional: dict[str, st.SearchStrategy[Any]],
+    odds: dict[str, float] | None = None,
 ) -> st.SearchStrategy[dict[str, Any]]:
-    """Like `fixed_dictionaries`, but each optional field is there half the time (a fair coin, shrinking to absent).
+    """Like `fixed_dictionaries`, but each optional field is there half the time (a fair coin, shrinking to absent),
+    or with probability `odds[name]`.
 
     With `fixed_dictionaries` an optional field of an object with a dozen is
     there a fifth of the time or less, so a value that matters only in one
     field (0 replicas, 5e-324 CPUs) comes up too seldom to be found.
     """
+    coins = {name: biased_coin(p) for name, p in (odds or {}).items()}
 
     @st.composite
     def draw_object(draw: st.DrawFn) -> dict[str, Any]:
         value = {name: draw(strategy) for name, strategy in required.items()}
         for name, strategy in optional.items():
-            if draw(st.booleans()):
+            if draw(coins.get(name, st.booleans())):
                 value[name] = draw(strategy)
         return value
 
     return draw_object()
+
+
+def biased_coin(p: float, bits: int = 8) -> st.SearchStrategy[bool]:
+    """True with probability `p` (to 2**-bits), shrinking to False.
+
+    Made of fair coins, `booleans()`: Hypothesis' integers and floats lean
+    hard towards their edges (`integers(0, 99) >= 10` holds about 60% of the
+    time in a larger draw). The coins are the binary digits of a number U in
+    [0, 1), compared with 1 - p as they come: False as soon as U < 1 - p.
+    """
+
+    @st.composite
+    def flip(draw: st.DrawFn) -> bool:
+        rest = 1 - p
+        for _ in range(bits):
+            rest *= 2
+            digit = rest >= 1
+            rest -= digit
+            coin = draw(st.booleans())
+            if coin != digit:
+                return coin  # U's digit above 1 - p's: U is larger; below: smaller
+        return rest == 0  # equal so far: U >= 1 - p if nothing of 1 - p is left
+
+    return flip()
 
 
 def satisfying(
@@ -308,13 +371,3 @@ def _refuse_unknown(node: dict[str, Any], known: set[str]) -> None:
     unknown = set(node) - known
     if unknown:
         raise NotImplementedError(f"strategy_for does not handle {sorted(unknown)} (in {node})")
-
-
-def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
-    """The CEL rules (`x-kubernetes-validations`, at any depth) that `value` breaks, as "path: message".
-
-    Run as the API server runs them (tests/kube/_cel.py). Transition rules
-    (those reading `oldSelf`) only run on updates and are skipped: these are
-    creations. Pass the defaulted value: the API server checks rules after defaulting.
-    """
-    return [str(error) for error in _cel.violations(schema, value, path)]

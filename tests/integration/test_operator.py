@@ -1,13 +1,19 @@
-"""The real operator process and the real kubectl against a Kubernetes API.
+"""The real operator process and the real kubectl against a real Kubernetes API.
 
-By default the API is the emulator in tests/kube (127.0.0.1). With
-`python -m pytest -m kube --kubeconfig PATH` the same tests run against that
-cluster (KubeRay's CRDs installed, its controller stopped: these tests play
-KubeRay's part by patching RayService status).
+The API is a control plane of the session's own (etcd and kube-apiserver from envtest's binaries, plus
+kube-controller-manager for garbage collection; see tests/kube/envtest.py). With
+`python -m pytest -m kube --kubeconfig PATH` the same tests run against that cluster (KubeRay's CRDs
+installed, its controller stopped: `_play_kuberay` writes RayService status as KubeRay 1.7 does).
+
+The operator runs as a ServiceAccount bound to the roles the Helm chart renders, so a permission the chart
+lacks fails here with the API server's own 403 (and the operator's log is checked for one at the end).
+Each test has a namespace of its own; the tests that need an operator of another kind (one that fails on
+purpose, a namespaced one, one without KubeRay) get a control plane of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import socket
@@ -16,27 +22,24 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import kmock
 import pytest
 import yaml
 
-from tests.chart import by_kind, grants, render
+from tests.chart import render
 from tests.kube import kuberay
-from tests.kube.clusters import target_cluster
-from tests.kube.emulator import Cluster, running_emulator, write_kubeconfig
+from tests.kube.clusters import Cluster, private_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The operator's bearer token in the emulator: its requests are told apart from kubectl's by it.
-OPERATOR_TOKEN = "zerocopy-operator"
 INFO = {"weights": "m-0123", "revision": "0123", "bytes_shared": 3 * 2**20, "tensor_count": 8, "shared": True}
+#: The kinds of the chart's objects that make the operator's identity and its permissions.
+ACCOUNT_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
 def _free_port() -> int:
@@ -46,22 +49,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if (reason := kuberay.missing()) is not None and not request.config.getoption("--kubeconfig"):
+def cluster(kube_cluster: Cluster) -> Cluster:
+    if (reason := kuberay.missing()) is not None:
         pytest.skip(reason)
-    with target_cluster(request.config, tmp_path_factory) as cluster:
-        yield cluster
+    return kube_cluster
 
 
-@pytest.fixture(scope="module")
-def namespace(cluster: Cluster) -> Iterator[str]:
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"), check=True)  # ZeroCopyModel and ZeroCopyCluster
-    if cluster.kubectl("get", "crd", "rayservices.ray.io").returncode != 0:
-        cluster.kubectl("apply", "--server-side", "-f", str(kuberay.crd("rayservices")), check=True)
-    name = f"zerocopy-it-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name, check=True)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+@pytest.fixture
+def namespace(kube_namespace: str) -> str:
+    return kube_namespace
+
+
+def _own_control_plane(request: pytest.FixtureRequest, tmp_path: Path) -> contextlib.AbstractContextManager[Cluster]:
+    """A control plane of the test's own, for an operator that must not meet the module's."""
+    if request.config.getoption("--kubeconfig"):
+        pytest.skip("needs a control plane of its own (an operator beside the module's would race it)")
+    if (reason := kuberay.missing()) is not None:
+        pytest.skip(reason)
+    return private_cluster(tmp_path)
 
 
 class _Info(BaseHTTPRequestHandler):
@@ -86,23 +91,39 @@ def info_url() -> Iterator[str]:
     server.shutdown()
 
 
+def chart_account(cluster: Cluster, folder: Path, *helm_args: str) -> Path:
+    """The chart's ServiceAccount and roles, rendered by helm and applied in a release namespace of their own; a
+    kubeconfig that authenticates as that ServiceAccount (a bound token)."""
+    release = cluster.new_namespace("zc-system")
+    objects = [o for o in render(*helm_args, namespace=release) if o["kind"] in ACCOUNT_KINDS]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects), check=True)
+    (account,) = [o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"]
+    return cluster.token_kubeconfig(release, account, folder / "operator.kubeconfig")
+
+
 class Operator:
-    """`python -m zerocopy_operator` in a subprocess, watching one namespace; restartable."""
+    """`python -m zerocopy_operator` in a subprocess under `kubeconfig`'s identity; restartable.
+
+    `namespaces`: the ones it watches (none: all, as the chart's default install).
+    """
 
     def __init__(
-        self, cluster: Cluster, namespace: str, info_url: str, log: Path, module: str = "zerocopy_operator"
+        self,
+        cluster: Cluster,
+        kubeconfig: Path,
+        info_url: str,
+        log: Path,
+        namespaces: tuple[str, ...] = (),
+        module: str = "zerocopy_operator",
     ) -> None:
-        self.cluster, self.namespace, self.info_url, self.log = cluster, namespace, info_url, log
-        self.module = module
+        self.cluster, self.kubeconfig, self.info_url, self.log = cluster, kubeconfig, info_url, log
+        self.namespaces, self.module = namespaces, module
         self.process: subprocess.Popen[bytes] | None = None
-        self.kubeconfig = cluster.kubeconfig
-        if cluster.requests is not None:  # the emulator: its own token, so that its requests can be checked
-            self.kubeconfig = write_kubeconfig(log.parent / "operator-kubeconfig", cluster.url, OPERATOR_TOKEN)
 
     def start(self) -> None:
         port = _free_port()
         command = [
-            sys.executable, "-m", self.module, "--namespace", self.namespace, "--verbose",
+            sys.executable, "-m", self.module, "--verbose", *(f"--namespace={n}" for n in self.namespaces),
             "--liveness", f"http://127.0.0.1:{port}/healthz", "--info-url", self.info_url, "--image", "runtime:test",
         ]  # fmt: skip
         env = {**self.cluster.env(), "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(ROOT)}
@@ -126,15 +147,31 @@ class Operator:
             self.process.terminate()
             self.process.wait(timeout=30)
 
+    def forbidden(self) -> list[str]:
+        """The lines of its log where the API server refused it a permission (403)."""
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.is_file() else []
+        return [line for line in lines if "403" in line and "orbidden" in line]
+
+
+@contextlib.contextmanager
+def running_operator(operator: Operator) -> Iterator[Operator]:
+    """The operator for the block; at its end, no request of it may have been forbidden by the chart's roles."""
+    operator.start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+    refused = operator.forbidden()
+    assert not refused, "the chart's roles refused the operator a request:\n" + "\n".join(refused[:5])
+
 
 @pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, namespace: str, info_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Operator]:
-    running = Operator(cluster, namespace, info_url, tmp_path_factory.mktemp("operator") / "operator.log")
-    running.start()
-    yield running
-    running.stop()
+def operator(cluster: Cluster, info_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """One operator for the module, watching every namespace under the chart's default (cluster-wide) roles."""
+    folder = tmp_path_factory.mktemp("operator")
+    running = Operator(cluster, chart_account(cluster, folder), info_url, folder / "operator.log")
+    with running_operator(running):
+        yield running
 
 
 def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "the condition") -> Any:
@@ -300,75 +337,78 @@ def test_a_bad_model_gets_a_condition_and_an_event_while_others_reconcile(
 
 
 def test_an_unexpected_failure_is_a_condition_and_an_event_not_a_retry_loop(
-    cluster: Cluster, namespace: str, info_url: str, tmp_path: Path
+    request: pytest.FixtureRequest, info_url: str, tmp_path: Path
 ) -> None:
     """A bug in the builder (injected through the Settings.build seam) is reported once, then left alone."""
-    own = f"{namespace}-faulty"
-    cluster.kubectl("create", "namespace", own, check=True)
-    faulty = Operator(cluster, own, info_url, tmp_path / "faulty.log", module="tests.integration.faulty_operator")
-    faulty.start()
-    try:
-        _apply(cluster, own, _model("buggy"))
-        ready = eventually(
-            lambda: (c := _condition(_get(cluster, own, "zcm", "buggy"))).get("reason") == "OperatorError" and c,
-            what="buggy's OperatorError condition",
-        )
-        assert ready["status"] == "False"
-        assert "KeyError" in ready["message"]
-        assert "injected failure building the RayService of buggy" in ready["message"]
-        assert "will not retry until the spec changes" in ready["message"]
-        event = eventually(lambda: _event(cluster, own, "buggy", "OperatorError"), what="a Warning event on buggy")
-        assert event["type"] == "Warning"
-        assert _get(cluster, own, "rayservice", "buggy") is None  # nothing half-applied
-        # kopf records the spec as handled: it will not run the handler again for this spec.
-        handled = eventually(
-            lambda: ((_get(cluster, own, "zcm", "buggy") or {})["metadata"].get("annotations") or {}).get(
-                "zerocopy.dev/last-handled-configuration"
-            ),
-            what="kopf's record that this spec was handled",
-        )
-        model = _get(cluster, own, "zcm", "buggy") or {}
-        assert json.loads(handled)["spec"] == model["spec"]
-        assert model["status"]["observedGeneration"] == model["metadata"]["generation"]
-        # A new spec is a new attempt.
-        _apply(cluster, own, _model("buggy", replicas=3))
-        eventually(
-            lambda: (
-                (m := _get(cluster, own, "zcm", "buggy") or {})["status"]["observedGeneration"]
-                == m["metadata"]["generation"]
-                > model["metadata"]["generation"]
-            ),
-            what="the edited spec to be handled again",
-        )
-        assert "Traceback" not in _condition(_get(cluster, own, "zcm", "buggy"))["message"]
-    finally:
-        faulty.stop()
-        cluster.kubectl("delete", "namespace", own, "--wait=false")
+    with _own_control_plane(request, tmp_path) as cluster:
+        own = cluster.new_namespace("faulty")
+        faulty = Operator(
+            cluster, chart_account(cluster, tmp_path), info_url, tmp_path / "faulty.log",
+            module="tests.integration.faulty_operator",
+        )  # fmt: skip
+        with running_operator(faulty):
+            _apply(cluster, own, _model("buggy"))
+            ready = eventually(
+                lambda: (c := _condition(_get(cluster, own, "zcm", "buggy"))).get("reason") == "OperatorError" and c,
+                what="buggy's OperatorError condition",
+            )
+            assert ready["status"] == "False"
+            assert "KeyError" in ready["message"]
+            assert "injected failure building the RayService of buggy" in ready["message"]
+            assert "will not retry until the spec changes" in ready["message"]
+            event = eventually(lambda: _event(cluster, own, "buggy", "OperatorError"), what="a Warning event on buggy")
+            assert event["type"] == "Warning"
+            assert _get(cluster, own, "rayservice", "buggy") is None  # nothing half-applied
+            # kopf records the spec as handled: it will not run the handler again for this spec.
+            handled = eventually(
+                lambda: ((_get(cluster, own, "zcm", "buggy") or {})["metadata"].get("annotations") or {}).get(
+                    "zerocopy.dev/last-handled-configuration"
+                ),
+                what="kopf's record that this spec was handled",
+            )
+            model = _get(cluster, own, "zcm", "buggy") or {}
+            assert json.loads(handled)["spec"] == model["spec"]
+            assert model["status"]["observedGeneration"] == model["metadata"]["generation"]
+            # A new spec is a new attempt.
+            _apply(cluster, own, _model("buggy", replicas=3))
+            eventually(
+                lambda: (
+                    (m := _get(cluster, own, "zcm", "buggy") or {})["status"]["observedGeneration"]
+                    == m["metadata"]["generation"]
+                    > model["metadata"]["generation"]
+                ),
+                what="the edited spec to be handled again",
+            )
+            assert "Traceback" not in _condition(_get(cluster, own, "zcm", "buggy"))["message"]
 
 
 def test_a_namespaced_operator_leaves_other_namespaces_alone(
-    cluster: Cluster, namespace: str, operator: Operator
+    request: pytest.FixtureRequest, info_url: str, tmp_path: Path
 ) -> None:
-    """The chart's namespaced install: models outside the watched namespaces are not the operator's business."""
-    other = f"{namespace}-other"
-    cluster.kubectl("create", "namespace", other, check=True)
-    try:
-        _apply(cluster, other, _model("outsider"))
-        _apply(cluster, namespace, _model("insider"))  # handled after the outsider's event, were it watched
-        eventually(lambda: _get(cluster, namespace, "rayservice", "insider"), what="RayService insider")
-        assert _get(cluster, other, "rayservice", "outsider") is None
-        outsider = _get(cluster, other, "zcm", "outsider")
-        assert outsider is not None
-        assert not outsider.get("status")
-        assert not [k for k in outsider["metadata"].get("annotations", {}) if k.startswith("zerocopy.dev/")]
-    finally:
-        cluster.kubectl("delete", "namespace", other, "--wait=false")
-        cluster.kubectl("delete", "zcm", "insider", "-n", namespace)
+    """The chart's namespaced install (a Role per watched namespace, no ClusterRole): models outside the watched
+    namespaces are not the operator's business, and inside them the Role is enough."""
+    with _own_control_plane(request, tmp_path) as cluster:
+        watched, other = cluster.new_namespace("watched"), cluster.new_namespace("other")
+        account = chart_account(cluster, tmp_path, "--set", f"watchNamespaces={{{watched}}}")
+        namespaced = Operator(cluster, account, info_url, tmp_path / "namespaced.log", namespaces=(watched,))
+        with running_operator(namespaced):
+            _apply(cluster, other, _model("outsider"))
+            _apply(cluster, watched, _model("insider"))  # handled after the outsider's event, were it watched
+            eventually(lambda: _get(cluster, watched, "rayservice", "insider"), what="RayService insider")
+            _play_kuberay(cluster, watched, "insider")
+            cluster.kubectl("wait", "zcm/insider", "-n", watched, "--for=condition=Ready", "--timeout=60s", check=True)
+            assert _get(cluster, other, "rayservice", "outsider") is None
+            outsider = _get(cluster, other, "zcm", "outsider")
+            assert outsider is not None
+            assert not outsider.get("status")
+            assert not [k for k in outsider["metadata"].get("annotations", {}) if k.startswith("zerocopy.dev/")]
 
 
 def test_an_operator_restart_duplicates_nothing_and_deletion_removes_everything(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
+    if not cluster.garbage_collected:
+        pytest.skip("no kube-controller-manager beside the API server: nothing deletes what an owner leaves behind")
     _apply(cluster, namespace, _model("delta"))
     first = eventually(lambda: _get(cluster, namespace, "rayservice", "delta"), what="RayService delta")
     operator.stop()
@@ -510,46 +550,13 @@ def test_a_model_moving_onto_a_cluster_gives_up_its_own_rayservice(
     eventually(lambda: _get(cluster, namespace, "rayservice", "mover"), what="mover's own RayService again")
 
 
-def test_without_kuberay_the_operator_says_so_and_stops(tmp_path: Path) -> None:
-    with running_emulator(tmp_path / "bare") as bare:
+def test_without_kuberay_the_operator_says_so_and_stops(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    if request.config.getoption("--kubeconfig"):
+        pytest.skip("needs a control plane of its own, without KubeRay's CRDs")
+    with private_cluster(tmp_path, crds=False) as bare:
         bare.kubectl("apply", "-f", str(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml"), check=True)
         command = [sys.executable, "-m", "zerocopy_operator", "--liveness", "", "--log-format", "plain"]
         env = {**bare.env(), "PYTHONPATH": str(ROOT)}
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0
     assert "KubeRay's CRD rayservices.ray.io is not installed" in out.stdout + out.stderr
-
-
-def _verb(request: kmock.Request) -> str:
-    """The RBAC verb an API server checks, from the action the emulator read off the request.
-
-    The emulator names no action for PUT; any other request without one fails here (KeyError) rather than
-    being checked against the wrong verb.
-    """
-    verbs = {
-        kmock.action.FETCH: "get", kmock.action.LIST: "list", kmock.action.WATCH: "watch",
-        kmock.action.CREATE: "create", kmock.action.UPDATE: "patch", kmock.action.DELETE: "delete",
-    }  # fmt: skip
-    return verbs[request.action] if request.action is not None else {"PUT": "update"}[request.method]
-
-
-def test_the_charts_rbac_allows_every_request_the_operator_made(
-    cluster: Cluster, namespace: str, operator: Operator
-) -> None:
-    """Runs after the scenarios above: whatever they made the operator do, the chart's roles permit."""
-    if cluster.requests is None:
-        pytest.skip("a real cluster: the operator's requests are not recorded (run it under the chart's account)")
-    made = {
-        (
-            r.resource.group,
-            r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
-            _verb(r),
-        )
-        for r in cluster.requests
-        if r.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}" and r.resource and r.resource.plural
-    }
-    assert {("zerocopy.dev", "zerocopymodels", "watch"), ("ray.io", "rayservices", "create")} <= made, made
-    for args in ([], ["--set", f"watchNamespaces={{{namespace}}}"]):
-        objects = render(*args)
-        (role,) = by_kind(objects, "ClusterRole") or by_kind(objects, "Role")
-        assert made <= grants(role["rules"]), f"not granted by the chart ({args}): {made - grants(role['rules'])}"

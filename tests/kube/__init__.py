@@ -1,1 +1,2 @@
-"""A stateful Kubernetes API emulator for integration tests: the real kopf and kubectl talk to it over HTTP."""
+"""Tests against a real Kubernetes API: a control plane started from envtest's binaries (`envtest`), or the cluster
+`--kubeconfig` names (`clusters`); KubeRay's CRDs are found through `kuberay`."""

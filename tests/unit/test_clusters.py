@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.crd_schema import apply_defaults, cel_violations, openapi_schema
 from tests.kube import kuberay
+from tests.kube.clusters import Cluster, Refused
 from zerocopy_operator.clusters import current_applications, model_entry, store_use
 from zerocopy_operator.manifests import build_cluster_rayservice, endpoint, parse_cluster_spec, parse_spec
 from zerocopy_operator.placement import plan_cluster
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example/zerocopy-runtime:test"
-MODEL_SCHEMA = openapi_schema(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml", "v1alpha1")
 MiB = 2**20
 
 
@@ -88,15 +87,21 @@ def test_a_model_endpoint_is_its_route_on_the_clusters_serve_service() -> None:
     assert endpoint(models[0], parse_spec(models[0])) == "http://shared-serve-svc.models.svc:8000/chat"
 
 
-def test_a_model_with_a_cluster_ref_takes_no_cluster_of_its_own_on_both_sides() -> None:
+@pytest.mark.kube
+def test_a_model_with_a_cluster_ref_takes_no_cluster_of_its_own_on_both_sides(
+    kube_cluster: Cluster, kube_namespace: str
+) -> None:
     _, models = _documents()
-    resource = copy.deepcopy(models[1])
+    model = copy.deepcopy(models[1])
+    model["metadata"] = {"name": model["metadata"]["name"], "namespace": kube_namespace}  # as written, no uid
+    resource = copy.deepcopy(model)
     resource["spec"]["cluster"] = {"head": {"cpu": "1"}}
     with pytest.raises(InvalidSpec, match=r"spec\.clusterRef takes the cluster and its upgrade strategy"):
         validate(resource)
-    broken = cel_violations(MODEL_SCHEMA, apply_defaults(MODEL_SCHEMA, resource))
-    assert any("spec.clusterRef takes the cluster" in rule for rule in broken), broken
-    assert not cel_violations(MODEL_SCHEMA, apply_defaults(MODEL_SCHEMA, models[1]))
+    with pytest.raises(Refused, match=r"spec: Invalid value: .*spec\.clusterRef takes the cluster") as refused:
+        kube_cluster.dry_run_create(resource, kube_namespace)
+    assert refused.value.status == 422
+    kube_cluster.dry_run_create(model, kube_namespace)  # the example itself is taken
 
 
 def test_the_newer_model_is_refused_when_the_weights_together_overflow_a_worker_store() -> None:

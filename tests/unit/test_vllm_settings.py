@@ -1,5 +1,6 @@
 """engine: vllm in the resource: the rules the API server (CEL) and the types (pydantic) both enforce, and the
-engine arguments and engine folder the runtime builds from them. No vLLM needed."""
+engine arguments and engine folder the runtime builds from them. No vLLM needed; the API server's side is asked of
+a real one (the kube-marked tests)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.crd_schema import apply_defaults, cel_violations, openapi_schema
+from tests.kube.clusters import Cluster, Refused
 from zerocopy_operator.validation import InvalidSpec, validate
 from zerocopy_runtime._errors import ZeroCopyError
 from zerocopy_runtime._vllm import CPU_KV_CACHE_GIB, LOAD_FORMAT, LoaderArgs, build_engine_args, engine_folder
@@ -17,8 +18,6 @@ from zerocopy_runtime.config import AppArgs
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = openapi_schema(ROOT / "crds" / "zerocopymodels.zerocopy.dev.yaml", "v1alpha1")
 RESOURCE: dict[str, Any] = {
     "apiVersion": "zerocopy.dev/v1alpha1",
     "kind": "ZeroCopyModel",
@@ -38,8 +37,18 @@ def _with(change: dict[str, Any]) -> dict[str, Any]:
     return resource
 
 
-def test_a_vllm_model_needs_no_architecture_and_passes_both_sides() -> None:
-    assert not cel_violations(SCHEMA, apply_defaults(SCHEMA, copy.deepcopy(RESOURCE)))
+def _refusal(cluster: Cluster, resource: dict[str, Any]) -> str:
+    """Why the API server refuses to create `resource` (a dry run: its schema and CEL rules), or "" if it does not."""
+    try:
+        cluster.dry_run_create(copy.deepcopy(resource))
+    except Refused as refused:
+        return refused.message
+    return ""
+
+
+@pytest.mark.kube
+def test_a_vllm_model_needs_no_architecture_and_passes_both_sides(kube_cluster: Cluster) -> None:
+    assert _refusal(kube_cluster, RESOURCE) == ""
     assert validate(copy.deepcopy(RESOURCE)).serving.engine == "vllm"
 
 
@@ -53,28 +62,33 @@ def test_a_vllm_model_needs_no_architecture_and_passes_both_sides() -> None:
     ],
     ids=["embeddings-on-vllm", "settings-without-engine", "gpus-not-tp", "default-tp-is-one"],
 )
-def test_rules_across_fields_refuse_on_both_sides_with_one_message(change: dict[str, Any], message: str) -> None:
+@pytest.mark.kube
+def test_rules_across_fields_refuse_on_both_sides_with_one_message(
+    change: dict[str, Any], message: str, kube_cluster: Cluster
+) -> None:
     resource = _with(change)
     if change.get("vllm", "") is None:
         del resource["spec"]["serving"]["vllm"]
     if change.get("engine") == "transformers":
         resource["spec"]["model"]["architecture"] = {"transformers": "LlamaForCausalLM"}
-    assert any(message in rule for rule in cel_violations(SCHEMA, apply_defaults(SCHEMA, copy.deepcopy(resource))))
+    assert message in _refusal(kube_cluster, resource)
     with pytest.raises(InvalidSpec, match=message):
         validate(resource)
 
 
-def test_one_gpu_engines_may_share_a_gpu() -> None:
+@pytest.mark.kube
+def test_one_gpu_engines_may_share_a_gpu(kube_cluster: Cluster) -> None:
     resource = _with({"gpusPerReplica": 0.5, "vllm": {"gpuMemoryUtilization": 0.4}})
-    assert not cel_violations(SCHEMA, apply_defaults(SCHEMA, copy.deepcopy(resource)))
+    assert _refusal(kube_cluster, resource) == ""
     assert validate(resource).serving.gpus_per_replica == 0.5
 
 
-def test_engine_transformers_still_needs_an_architecture_on_both_sides() -> None:
+@pytest.mark.kube
+def test_engine_transformers_still_needs_an_architecture_on_both_sides(kube_cluster: Cluster) -> None:
     resource = _with({"engine": "transformers", "vllm": None, "gpusPerReplica": 0})
     del resource["spec"]["serving"]["vllm"]
     message = "set model.architecture"
-    assert any(message in rule for rule in cel_violations(SCHEMA, apply_defaults(SCHEMA, copy.deepcopy(resource))))
+    assert message in _refusal(kube_cluster, resource)
     with pytest.raises(InvalidSpec, match=message):
         validate(resource)
 
