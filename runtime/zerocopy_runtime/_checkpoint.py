@@ -2,29 +2,48 @@
 
 Safetensors headers are parsed here rather than through `safe_open`, because
 we need each tensor's byte range to memory-map it in place; the format is a
-fixed 8-byte length, a JSON header, then raw little-endian bytes.
+fixed 8-byte length, a JSON header, then raw little-endian bytes. The layout
+(`safetensors_layout`) needs no torch: the owner of a published copy reads it
+and copies the bytes as bytes, so it never pays for importing torch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ._errors import CheckpointError
+from ._manifest import ITEMSIZE
 from ._spool import map_file
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-    "C64": torch.complex64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-    "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
-    "U8": torch.uint8, "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+#: safetensors' dtype names -> the manifest's (torch's names).
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64", "I64": "int64", "I32": "int32", "I16": "int16",
+    "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors file: its name, dtype (the manifest's name), shape and byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    begin: int
+    end: int
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -40,11 +59,32 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
+def safetensors_layout(path: str | Path) -> list[SafetensorsEntry] | None:
+    """Every tensor of a safetensors checkpoint (file or shard directory), in file and header order; None when
+    the checkpoint is a torch state dict (`.pt`, `.pth`, `.bin`), whose layout only torch can read."""
+    files = checkpoint_files(path)
+    if any(file.suffix != ".safetensors" for file in files):
+        return None
+    entries: list[SafetensorsEntry] = []
+    seen: set[str] = set()
+    for file in files:
+        part = _safetensors_entries(file)
+        duplicate = seen & {entry.name for entry in part}
+        if duplicate:
+            raise CheckpointError(f"Tensor {sorted(duplicate)[0]!r} appears in more than one shard of {str(path)!r}.")
+        seen.update(entry.name for entry in part)
+        entries += part
+    return entries
+
+
 def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint (file or shard directory), mapped from disk."""
+    layout = safetensors_layout(path)
+    if layout is not None:
+        return _tensors_of(layout)
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
-        part = _load_safetensors(file) if file.suffix == ".safetensors" else _load_torch(file)
+        part = _load_torch(file)
         duplicate = tensors.keys() & part.keys()
         if duplicate:
             raise CheckpointError(f"Tensor {sorted(duplicate)[0]!r} appears in more than one shard of {str(path)!r}.")
@@ -52,42 +92,64 @@ def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _safetensors_entries(file: Path) -> list[SafetensorsEntry]:
     try:
+        size = file.stat().st_size
         with file.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > file.stat().st_size - 8:
+            if header_len > size - 8:
                 raise ValueError(f"header length {header_len} exceeds the file size")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, struct.error, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
         raise CheckpointError(f"Cannot read safetensors header of {str(file)!r}: {exc}. Is the file complete?") from exc
     header.pop("__metadata__", None)
     data_start = 8 + header_len
-    size = file.stat().st_size
-    raw = map_file(file)
+    entries = []
+    for name, info in header.items():
+        try:
+            entries.append(_entry(file, name, info, data_start, size))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"Tensor {name!r} in {str(file)!r}: {exc}") from exc
+    return entries
+
+
+def _entry(file: Path, name: str, info: dict, data_start: int, size: int) -> SafetensorsEntry:
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {info['dtype']}")
+    shape = tuple(int(n) for n in info["shape"])
+    begin, end = (data_start + int(o) for o in info["data_offsets"])
+    if end > size:
+        raise ValueError("its bytes run past the end of the file: the file is truncated")
+    needed = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != needed or any(n < 0 for n in shape):
+        raise ValueError(
+            f"shape {list(shape)} of {info['dtype']} needs {needed} bytes, but its range holds {end - begin}"
+        )
+    return SafetensorsEntry(name, dtype, shape, file, begin, end)
+
+
+def _tensors_of(layout: list[SafetensorsEntry]) -> dict[str, torch.Tensor]:
+    import torch
+
+    from ._dtypes import DTYPES
+
+    raw = {file: map_file(file) for file in dict.fromkeys(entry.file for entry in layout)}
     tensors = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for name, info in header.items():
-            try:
-                tensors[name] = _tensor_at(raw, data_start, size, info)
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"Tensor {name!r} in {str(file)!r}: {exc}") from exc
+        for entry in layout:
+            data = raw[entry.file][entry.begin : entry.end]
+            raw_bytes = torch.from_numpy(data) if entry.end > entry.begin else torch.empty(0, dtype=torch.uint8)
+            tensors[entry.name] = raw_bytes.view(DTYPES[entry.dtype]).reshape(entry.shape)
     return tensors
 
 
-def _tensor_at(raw: np.ndarray, data_start: int, size: int, info: dict) -> torch.Tensor:
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-    if dtype is None:
-        raise ValueError(f"unsupported dtype {info['dtype']}")
-    begin, end = (data_start + o for o in info["data_offsets"])
-    if end > size:
-        raise ValueError("its bytes run past the end of the file: the file is truncated")
-    raw_bytes = torch.from_numpy(raw[begin:end]) if end > begin else torch.empty(0, dtype=torch.uint8)
-    return raw_bytes.view(dtype).reshape(info["shape"])
-
-
 def _load_torch(file: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file

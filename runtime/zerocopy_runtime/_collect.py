@@ -19,9 +19,10 @@ import torch
 from ray import cloudpickle
 from torch import nn
 
+from ._dtypes import DTYPES, dtype_name
 from ._errors import UnsupportedWeightsError
 from ._manifest import ALIGN as _ALIGN
-from ._manifest import DTYPES, TensorRecord, dtype_name
+from ._manifest import TensorRecord
 
 PERSISTENT_TAG = "zerocopy.tensor"
 

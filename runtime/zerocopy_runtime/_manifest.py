@@ -9,27 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 #: Storages start on this boundary in spool buffers and in the store: every dtype is aligned.
 ALIGN = 64
 
-#: Every dtype is stored as raw bytes; this table maps names back on attach.
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
-        torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
-        torch.complex128, torch.complex64, torch.complex32,
-        torch.int64, torch.int32, torch.int16, torch.int8,
-        torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-    )
+#: Every dtype is stored as raw bytes; its name (torch's, without "torch.") and the bytes of one element. Plain
+#: data, so that a process that only copies bytes (the owner of a safetensors checkpoint) never imports torch;
+#: `_dtypes.DTYPES` maps the names to torch dtypes where tensors are built.
+ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
 }  # fmt: skip
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -65,7 +57,7 @@ class TensorRecord:
         numel = 1
         for size in self.shape:
             numel *= size
-        return numel * DTYPES[self.dtype].itemsize
+        return numel * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,14 @@
 Ray frees an object when the process that created it dies, so the bytes must
 be created by a process that outlives replicas and publishers: this actor.
 It never runs user code, holds no CPU reservation, and is pinned to the node
-whose store it fills.
+whose store it fills. It stays light: it copies bytes, so it imports torch
+only for a torch state dict (`.pt`/`.bin`, which only torch can read), never
+for safetensors, and it maps a checkpoint only while copying it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -17,11 +20,10 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ._checkpoint import load_mapped
-from ._collect import collect
+from ._checkpoint import SafetensorsEntry, safetensors_layout
 from ._errors import ObjectStoreFullError
 from ._guard import PAGE
-from ._manifest import Manifest, StorageRecord
+from ._manifest import Manifest, StorageRecord, TensorRecord
 from ._spool import map_file
 from ._store import format_bytes, local_store_usage
 
@@ -132,21 +134,24 @@ class WeightOwner:
     def publish_checkpoint(self, path: str, chunk_bytes: int) -> None:
         """Read a checkpoint in this process, straight from its mapped pages into the store."""
         started = time.perf_counter()
-        collected = collect(load_mapped(path))
-        sizes = [s.numel() for s in collected.storages]
+        layout = safetensors_layout(path)
+        records, arrays, kind = (
+            _torch_checkpoint(path) if layout is None else (*_safetensors_storages(layout), "state_dict")
+        )
+        sizes = [array.nbytes for array in arrays]
         chunks = plan_chunks(sizes, chunk_bytes)
         check_room(store_bytes(sizes, chunks), f"Checkpoint {path!r}")
         done, total = 0, sum(sizes)
         for members in chunks:
             self._copied = (done, total)
-            self._chunks.append(ray.put(chunk_payload([collected.storages[i].numpy() for i in members])))
+            self._chunks.append(ray.put(chunk_payload([arrays[i] for i in members])))
             done += sum(sizes[i] for i in members)
         self._copied = (done, total)
         self._manifest = Manifest(
-            tensors=tuple(collected.records),
+            tensors=tuple(records),
             storages=tuple(storage_records(sizes, chunks)),
             chunk_count=len(self._chunks),
-            kind=collected.kind,
+            kind=kind,
             metadata={"source": str(Path(path).resolve())},
             publish_seconds=time.perf_counter() - started,
         )
@@ -179,6 +184,36 @@ class WeightOwner:
             alive.add((user, namespace))
         self._users = alive
         return bool(alive)
+
+
+def _safetensors_storages(layout: list[SafetensorsEntry]) -> tuple[list[TensorRecord], list[np.ndarray]]:
+    """One storage per tensor, as byte ranges of the mapped files (safetensors never shares bytes between
+    tensors); the empty ones share one empty storage. The same records `_collect` makes of the tensors."""
+    mapped = {file: map_file(file) for file in dict.fromkeys(entry.file for entry in layout)}
+    records: list[TensorRecord] = []
+    arrays: list[np.ndarray] = []
+    empty: int | None = None
+    for entry in layout:
+        if entry.end == entry.begin:
+            if empty is None:
+                empty = len(arrays)
+                arrays.append(np.zeros(0, dtype=np.uint8))
+            storage = empty
+        else:
+            storage = len(arrays)
+            arrays.append(mapped[entry.file][entry.begin : entry.end])
+        stride = tuple(math.prod(entry.shape[i + 1 :]) for i in range(len(entry.shape)))
+        records.append(TensorRecord((entry.name,), entry.dtype, entry.shape, stride, 0, storage, False, False, True))
+    return records, arrays
+
+
+def _torch_checkpoint(path: str) -> tuple[list[TensorRecord], list[np.ndarray], str]:
+    """A torch state dict, which only torch can read: loaded mapped, described by `_collect`."""
+    from ._checkpoint import load_mapped
+    from ._collect import collect
+
+    collected = collect(load_mapped(path))
+    return collected.records, [storage.numpy() for storage in collected.storages], collected.kind
 
 
 def start_owner(name: str, namespace: str) -> Any:

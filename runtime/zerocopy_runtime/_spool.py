@@ -16,11 +16,14 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ._manifest import ALIGN as _ALIGN
+
+if TYPE_CHECKING:
+    import torch
 
 
 def layout(sizes: list[int]) -> tuple[list[tuple[int, int]], int]:

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._dtypes import DTYPES, dtype_name
 from ._imports import import_callable
-from ._manifest import DTYPES, dtype_name
 
 Handler = Callable[[nn.Module, list[dict[str, Any]]], list[Any]]
 

@@ -31,6 +31,7 @@ from torch import nn
 from . import _guard
 from ._checkpoint import checkpoint_files
 from ._collect import PERSISTENT_TAG, Collected, collect, models_in
+from ._dtypes import DTYPES
 from ._errors import (
     AlreadyPublishedError,
     CheckpointError,
@@ -38,7 +39,7 @@ from ._errors import (
     WeightsNotFoundError,
     ZeroCopyError,
 )
-from ._manifest import DTYPES, Manifest, StorageRecord, TensorRecord
+from ._manifest import Manifest, StorageRecord, TensorRecord
 from ._owner import NAMESPACE, actor_name, check_room, plan_chunks, start_owner, storage_records, store_bytes
 from ._spool import Spool, layout
 from ._store import all_inside_store

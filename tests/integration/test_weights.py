@@ -104,6 +104,28 @@ def test_attach_with_factory_from_torch_state_dict(published: list, tmp_path: Pa
         assert same_bits(attached(x), model(x))
 
 
+def _maps_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_owner_of_a_safetensors_checkpoint_never_imports_torch(published: list, tmp_path: Path) -> None:
+    """It copies bytes as bytes (every dtype, an empty tensor, a scalar): its cost is an idle Ray worker's. A torch
+    state dict is the one checkpoint only torch can read: that owner does import it (so the check can fail)."""
+    state = {str(d): sample(d) for d in ALL_DTYPES} | {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3)}
+    save_file(state, tmp_path / "every-dtype.safetensors")
+    torch.save(state, tmp_path / "every-dtype.pt")
+    light = _publish(published, tmp_path / "every-dtype.safetensors")
+    heavy = _publish(published, tmp_path / "every-dtype.pt")
+    assert not _maps_torch(light.owner_pid)
+    assert _maps_torch(heavy.owner_pid)
+    for handle in (light, heavy):
+        attached = zc.attach(handle)
+        assert sorted(attached) == sorted(state)
+        for name, tensor in state.items():
+            assert same_bits(attached[name], tensor), name
+    assert light.nbytes == heavy.nbytes
+
+
 def test_factory_mismatch_names_the_offending_tensors(published: list) -> None:
     handle = _publish(published, MLP(64).state_dict())
     with pytest.raises(zc.CheckpointError, match=r"net\.0\.weight.*\(64, 64\).*\(32, 32\)"):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import ALL_DTYPES, same_bits, sample
 from zerocopy_runtime import CheckpointError
-from zerocopy_runtime._checkpoint import load_mapped
+from zerocopy_runtime._checkpoint import load_mapped, safetensors_layout
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +70,7 @@ def test_empty_directory_is_reported(tmp_path: Path) -> None:
 
 _ANON_PROBE = """
 import sys, torch
-from zerocopy_runtime._checkpoint import load_mapped
+from zerocopy_runtime._checkpoint import load_mapped, safetensors_layout
 def anon():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
@@ -101,5 +101,7 @@ def test_corrupt_safetensors_header_is_reported(tmp_path: Path) -> None:
     save_file({"a": torch.ones(4)}, tmp_path / "bad.safetensors")
     data = (tmp_path / "bad.safetensors").read_bytes().replace(b'"shape":[4]', b'"shape":[5]')
     (tmp_path / "bad.safetensors").write_bytes(data)
-    with pytest.raises(CheckpointError, match="'a'"):
+    with pytest.raises(CheckpointError, match=r"'a'.*shape \[5\] of F32 needs 20 bytes, but its range holds 16"):
         load_mapped(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="'a'"):  # the torch-free reader of the owner says the same
+        safetensors_layout(tmp_path / "bad.safetensors")
