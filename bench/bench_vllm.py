@@ -61,7 +61,8 @@ FOLDER = ROOT / "examples" / ".cache" / "smollm2-135m-instruct"
 MiB = 2**20
 CLIENTS = 8
 MAX_TOKENS = 16
-VLLM = {"dtype": "float32", "kvCacheGib": 0.25, "maxModelLen": 2048, "engineArgs": {"enforce_eager": True}}
+DTYPE = "float32"  # model.dtype of ours and vLLM's dtype of the plain replicas: the checkpoint's
+VLLM = {"kvCacheGib": 0.25, "maxModelLen": 2048, "engineArgs": {"enforce_eager": True}}
 
 
 @serve.deployment
@@ -79,7 +80,7 @@ class DiskVllm:
             {
                 "model": folder,
                 "served_model_name": name,
-                "dtype": settings.dtype,
+                "dtype": DTYPE,
                 "max_model_len": settings.max_model_len,
                 "kv_cache_memory_bytes": int((settings.kv_cache_gib or 1) * 2**30),
                 "disable_log_stats": True,
@@ -180,7 +181,13 @@ def run(kind: str, replicas: int, port: int, seconds: float) -> dict[str, Any]:
     options = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64}
     if kind == "zerocopy":
         args = AppArgs.model_validate(
-            {"name": app, "model": {"uri": str(FOLDER)}, "task": "text-generation", "engine": "vllm", "vllm": VLLM}
+            {
+                "name": app,
+                "model": {"uri": str(FOLDER), "dtype": DTYPE},
+                "task": "text-generation",
+                "engine": "vllm",
+                "vllm": VLLM,
+            }
         )
         target = ZeroCopyDeployment.options(**options).bind(args.model_dump())
     else:

@@ -2,6 +2,9 @@
 
 `attach` calls the returned callable with parameters on the meta device, so
 building even a large transformers model costs milliseconds and no memory.
+With `model.dtype` the structure is built in that dtype (torch's default dtype
+while it is built, as transformers' `from_pretrained(dtype=...)` does), to fit
+the weights its owner cast when publishing.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._errors import CheckpointError
@@ -19,14 +23,29 @@ from ._source import model_dir_path
 from .config import Architecture
 
 
-def architecture_factory(architecture: Architecture, weights: Path) -> Callable[[], nn.Module]:
-    """A callable building the architecture; `weights` locates a transformers config.json by default."""
+def architecture_factory(
+    architecture: Architecture, weights: Path, dtype: str | None = None
+) -> Callable[[], nn.Module]:
+    """A callable building the architecture (in `dtype`, where given); `weights` locates a transformers
+    config.json by default."""
+    build: Callable[[], nn.Module]
     if architecture.transformers is not None:
         config = model_dir_path(architecture.config) if architecture.config else weights
-        return partial(_transformers_model, architecture.transformers, _config_dir(config))
-    assert architecture.factory is not None  # the config type requires one of the two
-    factory = import_callable(architecture.factory, "architecture.factory")
-    return partial(factory, **architecture.kwargs)
+        build = partial(_transformers_model, architecture.transformers, _config_dir(config), dtype)
+    else:
+        assert architecture.factory is not None  # the config type requires one of the two
+        factory = import_callable(architecture.factory, "architecture.factory")
+        build = partial(factory, **architecture.kwargs)
+    return build if dtype is None else partial(_in_dtype, build, dtype)
+
+
+def _in_dtype(build: Callable[[], nn.Module], dtype: str) -> nn.Module:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _config_dir(path: Path) -> Path:
@@ -39,7 +58,7 @@ def _config_dir(path: Path) -> Path:
     return folder
 
 
-def _transformers_model(class_name: str, config_dir: Path) -> nn.Module:
+def _transformers_model(class_name: str, config_dir: Path, dtype: str | None = None) -> nn.Module:
     try:
         import transformers
     except ImportError as exc:
@@ -55,5 +74,8 @@ def _transformers_model(class_name: str, config_dir: Path) -> nn.Module:
             f"{transformers.__version__}; use a class such as GPT2LMHeadModel or AutoModelForCausalLM."
         )
     config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    model: nn.Module = cls.from_config(config) if auto else cls(config)
+    # from_config builds in config.dtype unless told; a class called directly builds in torch's default dtype.
+    model: nn.Module = (
+        cls.from_config(config, **({"dtype": getattr(torch, dtype)} if dtype else {})) if auto else cls(config)
+    )
     return model

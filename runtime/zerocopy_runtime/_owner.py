@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ._cast import FLOATING, cast_bytes, cast_size
 from ._checkpoint import SafetensorsEntry, safetensors_layout
 from ._errors import ObjectStoreFullError
 from ._guard import PAGE
@@ -131,28 +133,34 @@ class WeightOwner:
         self._manifest = manifest
         self._spool.clear()
 
-    def publish_checkpoint(self, path: str, chunk_bytes: int) -> None:
-        """Read a checkpoint in this process, straight from its mapped pages into the store."""
+    def publish_checkpoint(self, path: str, chunk_bytes: int, dtype: str | None = None) -> None:
+        """Read a checkpoint in this process, straight from its mapped pages into the store; with `dtype`, every
+        floating tensor is cast on the way, one chunk at a time."""
         started = time.perf_counter()
         layout = safetensors_layout(path)
-        records, arrays, kind = (
-            _torch_checkpoint(path) if layout is None else (*_safetensors_storages(layout), "state_dict")
-        )
-        sizes = [array.nbytes for array in arrays]
+        if layout is None:
+            records, arrays, kind = _torch_checkpoint(path, dtype)
+        else:
+            (records, arrays), kind = _safetensors_storages(layout), "state_dict"
+        casts = _casts(records, len(arrays), dtype)
+        sizes = [_cast_size(array, cast) for array, cast in zip(arrays, casts, strict=True)]
         chunks = plan_chunks(sizes, chunk_bytes)
         check_room(store_bytes(sizes, chunks), f"Checkpoint {path!r}")
         done, total = 0, sum(sizes)
         for members in chunks:
             self._copied = (done, total)
-            self._chunks.append(ray.put(chunk_payload([arrays[i] for i in members])))
+            payload = [_cast(arrays[i], casts[i]) for i in members]
+            self._chunks.append(ray.put(chunk_payload(payload)))
             done += sum(sizes[i] for i in members)
         self._copied = (done, total)
+        if dtype is not None:
+            records = [replace(r, dtype=dtype) if r.dtype in FLOATING else r for r in records]
         self._manifest = Manifest(
             tensors=tuple(records),
             storages=tuple(storage_records(sizes, chunks)),
             chunk_count=len(self._chunks),
             kind=kind,
-            metadata={"source": str(Path(path).resolve())},
+            metadata={"source": str(Path(path).resolve()), **({"dtype": dtype} if dtype else {})},
             publish_seconds=time.perf_counter() - started,
         )
 
@@ -207,12 +215,42 @@ def _safetensors_storages(layout: list[SafetensorsEntry]) -> tuple[list[TensorRe
     return records, arrays
 
 
-def _torch_checkpoint(path: str) -> tuple[list[TensorRecord], list[np.ndarray], str]:
-    """A torch state dict, which only torch can read: loaded mapped, described by `_collect`."""
+def _casts(records: list[TensorRecord], storages: int, dtype: str | None) -> list[tuple[str, str] | None]:
+    """(from, to) for each storage a cast to `dtype` changes, None for those it leaves (not floating, or already
+    `dtype`). A storage is cast whole, so every tensor viewing it must hold the same dtype (safetensors' do: one
+    tensor per storage; a torch state dict is cast by torch before it gets here)."""
+    casts: list[tuple[str, str] | None] = [None] * storages
+    if dtype is None:
+        return casts
+    for record in records:
+        if record.dtype in FLOATING and record.dtype != dtype:
+            casts[record.storage] = (record.dtype, dtype)
+    return casts
+
+
+def _cast_size(array: np.ndarray, cast: tuple[str, str] | None) -> int:
+    return array.nbytes if cast is None else cast_size(array.nbytes, *cast)
+
+
+def _cast(array: np.ndarray, cast: tuple[str, str] | None) -> np.ndarray:
+    return array if cast is None else cast_bytes(array, *cast)
+
+
+def _torch_checkpoint(path: str, dtype: str | None) -> tuple[list[TensorRecord], list[np.ndarray], str]:
+    """A torch state dict, which only torch can read: loaded mapped, cast by torch (ties and views of one storage
+    stay one tensor), described by `_collect`."""
     from ._checkpoint import load_mapped
     from ._collect import collect
+    from ._dtypes import DTYPES
 
-    collected = collect(load_mapped(path))
+    state = load_mapped(path)
+    if dtype is not None:
+        target = DTYPES[dtype]
+        cast: dict[int, Any] = {}  # by id: a tensor named twice (tied) is cast once
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and tensor.dtype != target:
+                state[name] = cast.setdefault(id(tensor), tensor.to(target))
+    collected = collect(state)
     return collected.records, [storage.numpy() for storage in collected.storages], collected.kind
 
 

@@ -45,14 +45,21 @@ def model_dir_path(path: str) -> Path:
 
 
 def revision(source: ModelSource, path: Path) -> str:
-    """A digest naming this revision: the sha256 when given, else the URI and each file's size and mtime."""
+    """A digest naming this revision: the sha256 when given, else the URI and each file's size and mtime; and the
+    dtype it is served in (one published copy per dtype)."""
     if source.sha256:
-        return source.sha256
+        return (
+            source.sha256
+            if source.dtype is None
+            else hashlib.sha256(f"{source.sha256}:{source.dtype}".encode()).hexdigest()
+        )
     digest = hashlib.sha256(source.uri.encode())
     for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if file.is_file():
             stat = file.stat()
             digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    if source.dtype is not None:
+        digest.update(f"dtype:{source.dtype}".encode())
     return digest.hexdigest()
 
 

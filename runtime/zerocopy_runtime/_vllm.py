@@ -77,7 +77,7 @@ def build_engine_args(args: AppArgs, folder: Path, loader: LoaderArgs, on_gpu: b
         "served_model_name": args.name,
         "load_format": LOAD_FORMAT,
         "model_loader_extra_config": loader.model_dump(),
-        "dtype": settings.dtype,
+        "dtype": args.model.dtype or "auto",  # the published copy is already in model.dtype
         "tensor_parallel_size": settings.tensor_parallel_size,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "disable_log_stats": True,

@@ -96,6 +96,12 @@ class ModelSource(ApiModel):
         description="How replicas build the model around the weights; required with engine transformers (engine vllm "
         "builds it from config.json's architectures).",
     )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="Serve the weights in this dtype, for every engine: floating tensors are cast once, when the "
+        "node's copy is published, and every replica shares the cast copy (e.g. a bfloat16 checkpoint served in "
+        "float32 on CPUs). Default: as stored.",
+    )
 
     @field_validator("uri", mode="before")
     @classmethod
@@ -129,9 +135,6 @@ class Vllm(ApiModel):
     )
     tensor_parallel_size: int = Field(
         default=1, ge=1, le=64, description="GPUs one engine spans; gpusPerReplica must equal it on GPUs."
-    )
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        default="auto", description="Compute dtype; auto: the checkpoint's (bfloat16 for float32 on GPUs)."
     )
     kv_cache_gib: float | None = Field(
         default=None,

@@ -83,7 +83,7 @@ def find_or_publish(
             verify(path, args.model)
             verified = True
         try:
-            return publish(path, name=name, progress=progress)
+            return publish(path, name=name, progress=progress, dtype=args.model.dtype)
         except AlreadyPublishedError:
             time.sleep(0.2)  # another replica won the race: wait for its copy
             continue
@@ -171,7 +171,9 @@ class ZeroCopyDeployment:
             self._start_vllm(folder, batching)
         else:
             assert self.args.model.architecture is not None  # AppArgs requires it for this engine
-            self.factory = architecture_factory(self.args.model.architecture, local_path(self.args.model))
+            self.factory = architecture_factory(
+                self.args.model.architecture, local_path(self.args.model), self.args.model.dtype
+            )
             self._attach()
             if self.args.task != "tensor":
                 self.text = TextEngine(self.args.task, self.model, folder, self.args.name, batching)

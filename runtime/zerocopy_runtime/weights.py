@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import _guard
+from ._cast import FLOATING
 from ._checkpoint import checkpoint_files
 from ._collect import PERSISTENT_TAG, Collected, collect, models_in
 from ._dtypes import DTYPES
@@ -93,6 +94,7 @@ def publish(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     only: Sequence[str] | None = None,
     progress: Progress | None = None,
+    dtype: str | None = None,
 ) -> PublishedModel:
     """Put `source` in this node's object store once and return its handle.
 
@@ -102,7 +104,8 @@ def publish(
     file's pages. The objects stay until `release(name)`, whatever happens to
     the calling process. `only` restricts sharing to those attributes of a
     pipeline (the rest travels by value). `progress(done, total)` is called
-    with bytes copied into the store as publishing goes on, ending with done == total.
+    with bytes copied into the store as publishing goes on, ending with done == total. `dtype` (float32,
+    bfloat16, float16; checkpoints only) casts every floating tensor once, as it is copied into the store.
     """
     name = name or f"model-{uuid.uuid4().hex[:12]}"
     taken = AlreadyPublishedError(
@@ -114,9 +117,13 @@ def publish(
         pass
     else:
         raise taken
+    if dtype is not None and dtype not in FLOATING:
+        raise ZeroCopyError(f"dtype {dtype!r} is not one of {', '.join(sorted(FLOATING))}")
     if isinstance(source, (str, os.PathLike)):
         collected = None
         checkpoint_files(Path(source))  # a bad path fails here, before any actor starts
+    elif dtype is not None:
+        raise ZeroCopyError("dtype casts a checkpoint as it is published; cast an in-memory model with .to() first")
     else:
         collected = collect(source, only)
         if not collected.records:
@@ -130,7 +137,8 @@ def publish(
         raise taken from exc
     try:
         if collected is None:
-            _wait_reporting(owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes), owner, progress)
+            call = owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes, dtype)
+            _wait_reporting(call, owner, progress)
         else:
             ray.get(owner.describe.remote())  # started: the copy timing excludes process start-up
             _hand_over(owner, collected, chunks, sizes, progress)

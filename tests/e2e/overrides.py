@@ -79,9 +79,11 @@ SAMPLES = {
         path="/v1/embeddings",
     ),
 }
-#: vLLM's settings on kind's CPUs: a small KV cache that fits WORKER_MEMORY, float32 (no bfloat16 kernels on
-#: every laptop CPU), and eager mode (torch.compile would take minutes on two cores).
-KIND_VLLM: dict[str, Any] = {"kvCacheGib": 0.25, "dtype": "float32", "engineArgs": {"enforce_eager": True}}
+#: vLLM's settings on kind's CPUs: a small KV cache that fits WORKER_MEMORY and eager mode (torch.compile would
+#: take minutes on two cores).
+KIND_VLLM: dict[str, Any] = {"kvCacheGib": 0.25, "engineArgs": {"enforce_eager": True}}
+#: The dtype vLLM serves in on kind's CPUs (model.dtype): float32, as bfloat16 has no kernels on every laptop CPU.
+KIND_VLLM_DTYPE = "float32"
 
 
 #: The kinds the e2e applies from an example file.
@@ -109,7 +111,7 @@ def for_kind(
 
     - serving: no GPUs per replica, device cpu, at most MAX_REPLICAS replicas, CPUs per replica that fit
       (a worker pod of its own cluster, or of WORKER_CPU for a model on a ZeroCopyCluster), and vLLM's
-      settings for CPUs (KIND_VLLM);
+      settings and dtype for CPUs (KIND_VLLM, KIND_VLLM_DTYPE);
     - cluster (a model's spec.cluster, or a ZeroCopyCluster's spec; a model with spec.clusterRef has none):
       the operator's runtime image (no per-model image), no autoscaler, a small head, and one pod per worker
       group without GPUs, GPU tolerations or node selectors, shrunk to WORKER_CPU / WORKER_MEMORY and an
@@ -149,6 +151,7 @@ def for_kind(
     if serving.get("engine") == "vllm":
         settings = serving.setdefault("vllm", {})
         settings.update(KIND_VLLM, engineArgs={**settings.get("engineArgs", {}), **KIND_VLLM["engineArgs"]})
+        model["dtype"] = KIND_VLLM_DTYPE
         serving["replicas"] = 1  # an engine's processes and private copy fill a kind worker pod by themselves
         serving.pop("autoscaling", None)
     autoscaling = serving.get("autoscaling")

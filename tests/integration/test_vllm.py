@@ -44,10 +44,10 @@ def engine(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     args = AppArgs.model_validate(
         {
             "name": "vchat",
-            "model": {"uri": str(folder)},  # no architecture: vLLM reads config.json's
+            "model": {"uri": str(folder), "dtype": "float32"},  # no architecture: vLLM reads config.json's
             "task": "text-generation",
             "engine": "vllm",
-            "vllm": {"dtype": "float32", "kvCacheGib": 0.0625, "engineArgs": {"enforce_eager": True}},
+            "vllm": {"kvCacheGib": 0.0625, "engineArgs": {"enforce_eager": True}},
         }
     )
     deployment = ZeroCopyDeployment.options(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 1})

@@ -99,9 +99,15 @@ def test_engine_args_the_runtime_owns_are_refused_by_name() -> None:
         validate(resource)
 
 
-def _args(**vllm: Any) -> AppArgs:
+def _args(dtype: str | None = None, **vllm: Any) -> AppArgs:
     return AppArgs.model_validate(
-        {"name": "chat", "model": {"uri": "/m"}, "task": "text-generation", "engine": "vllm", "vllm": vllm}
+        {
+            "name": "chat",
+            "model": {"uri": "/m", "dtype": dtype},
+            "task": "text-generation",
+            "engine": "vllm",
+            "vllm": vllm,
+        }
     )
 
 
