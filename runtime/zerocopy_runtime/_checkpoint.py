@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._errors import CheckpointError
+from ._gguf import is_gguf
 from ._manifest import ITEMSIZE
 from ._spool import map_file
 
@@ -52,7 +53,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if not root.exists():
         raise CheckpointError(f"Checkpoint {str(root)!r} does not exist; check the path (and that it is on this node).")
     if root.is_file():
-        return [root]
+        return [root]  # safetensors, a torch state dict, or a GGUF file
     files = sorted(root.glob("*.safetensors")) or sorted([*root.glob("*.pt"), *root.glob("*.pth"), *root.glob("*.bin")])
     if not files:
         raise CheckpointError(f"Directory {str(root)!r} holds no *.safetensors, *.pt, *.pth or *.bin checkpoint files.")
@@ -78,10 +79,15 @@ def safetensors_layout(path: str | Path) -> list[SafetensorsEntry] | None:
 
 
 def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint (file or shard directory), mapped from disk."""
+    """All tensors of a checkpoint (file or shard directory), mapped from disk; a GGUF file's dequantized (by
+    transformers, into float32: its blocks cannot be served as they are)."""
     layout = safetensors_layout(path)
     if layout is not None:
         return _tensors_of(layout)
+    if is_gguf(Path(path)):
+        from ._gguf import gguf_state_dict
+
+        return gguf_state_dict(Path(path))
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
         part = _load_torch(file)

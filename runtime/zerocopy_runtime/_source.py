@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from ._errors import CheckpointError
+from ._gguf import is_gguf
 from .config import ModelSource
 
 
@@ -33,6 +34,16 @@ def local_path(source: ModelSource) -> Path:
     if not path.exists():
         raise CheckpointError(f"Checkpoint {uri!r} does not exist on this node ({path}); check model.uri.")
     return path
+
+
+def model_folder(weights: Path) -> Path:
+    """Where the model's config, tokenizer and chat template are: beside its weights, or, for a GGUF file
+    (which carries them in its metadata), a folder written from it once into the node's cache."""
+    if is_gguf(weights):
+        from ._gguf import gguf_folder
+
+        return gguf_folder(weights)
+    return weights if weights.is_dir() else weights.parent
 
 
 def model_dir_path(path: str) -> Path:

@@ -23,11 +23,12 @@ from typing import Any, TextIO
 from ._architecture import architecture_factory
 from ._checkpoint import load_mapped
 from ._errors import WeightsNotFoundError, ZeroCopyError
-from ._source import local_path, verify
+from ._gguf import check_gguf, is_gguf
+from ._source import local_path, model_folder, verify
 from ._store import format_bytes
 from .config import AppArgs
 from .memory import pss_bytes
-from .text import load_tokenizer, model_folder
+from .text import load_tokenizer
 
 
 class ReplicaStartError(ZeroCopyError):
@@ -44,7 +45,10 @@ def preflight(args: AppArgs) -> Path:
     """
     path = local_path(args.model)
     verify(path, args.model)
-    load_mapped(path)
+    if is_gguf(path):
+        check_gguf(path)  # its header: dequantizing is the owner's job, once
+    else:
+        load_mapped(path)
     if args.model.architecture is not None:  # imports the factory or checks the class; builds nothing
         architecture_factory(args.model.architecture, path)
     if args.task != "tensor":

@@ -28,11 +28,11 @@ from ._architecture import architecture_factory
 from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
 from ._metrics import ReplicaMetrics
 from ._owner import NAMESPACE, actor_name, published_names
-from ._source import local_path, revision, verify
+from ._source import local_path, model_folder, revision, verify
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
 from .openai_protocol import ApiError
-from .text import TextEngine, model_folder
+from .text import TextEngine
 from .weights import Progress, PublishedModel, attach, attach_report, lookup, publish, release
 
 #: How long a replica waits for another replica's publish of the same revision.

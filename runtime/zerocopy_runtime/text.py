@@ -25,10 +25,6 @@ from .generation import BatchGenerator, SamplingParams, TokenGenerator, context_
 GENERATION_TASKS = ("text-generation", "text2text-generation")
 
 
-def model_folder(weights: Path) -> Path:
-    return weights if weights.is_dir() else weights.parent
-
-
 def load_tokenizer(folder: Path) -> Any:
     """The model's own tokenizer, from its folder only; a clear start-up error when there is none."""
     try:
