@@ -6,7 +6,7 @@ warm page cache (a node that just downloaded or read the model):
 - **Publishing rate**: `zerocopy_runtime.publish(folder)`, the owner's copy only (`manifest.publish_seconds`),
   and the whole call (owner start-up included), against a memcpy of the same bytes from the mapped file into
   fresh pages in this process (the floor any copy into a new store object pays).
-- **Owner's own memory**: its private memory and its PSS without the store pages it shares with replicas,
+- **Owner's own memory**: its PSS without the store pages it shares with replicas,
   against an idle Ray actor (the floor: a worker process) and an idle actor that imported torch (what the owner
   cost while it read checkpoints through torch).
 
@@ -39,9 +39,8 @@ MiB = 2**20
 
 
 def smaps(pid: int) -> dict[str, float]:
-    """MiB by kind from /proc/<pid>/smaps_rollup: PSS, private (USS), and PSS of anonymous, file and shmem pages."""
-    wanted = {"Pss:": "pss", "Private_Clean:": "private", "Private_Dirty:": "private", "Pss_Anon:": "anon",
-              "Pss_File:": "file", "Pss_Shmem:": "shmem"}  # fmt: skip
+    """MiB by kind from /proc/<pid>/smaps_rollup: PSS, and PSS of anonymous, file and shmem pages."""
+    wanted = {"Pss:": "pss", "Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
     out = dict.fromkeys(set(wanted.values()), 0.0)
     with open(f"/proc/{pid}/smaps_rollup") as lines:
         for line in lines:
@@ -99,7 +98,6 @@ def publish_once(folder: Path) -> dict[str, float]:
         "copy_s": handle.manifest.publish_seconds,
         "whole_s": whole,
         "owner_pid": handle.owner_pid,
-        "owner_private_mib": owner["private"],
         "owner_pss_mib": owner["pss"],
         "owner_pss_without_store_mib": owner["pss"] - owner["shmem"],
         "owner_maps_torch": "libtorch" in Path(f"/proc/{handle.owner_pid}/maps").read_text(),
@@ -134,7 +132,6 @@ def main() -> None:
     copy_rate = statistics.median(mib / p["copy_s"] for p in publishes)
     whole_rate = statistics.median(mib / p["whole_s"] for p in publishes)
     memcpy_mib_s = statistics.median(memcpy)
-    owner_private = statistics.median(p["owner_private_mib"] for p in publishes)
     owner_pss = statistics.median(p["owner_pss_without_store_mib"] for p in publishes)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -148,7 +145,6 @@ def main() -> None:
             "whole_rate_mib_s": whole_rate,
             "memcpy_mib_s": memcpy_mib_s,
             "copy_vs_memcpy": copy_rate / memcpy_mib_s,
-            "owner_private_mib": owner_private,
             "owner_pss_without_store_mib": owner_pss,
             "idle_pss_mib": floors["idle"]["pss"],
             "idle_with_torch_pss_mib": floors["idle_with_torch"]["pss"],
@@ -171,7 +167,7 @@ medians of {args.repeats} runs, all in one run of `python bench/bench_owner.py`.
 | owner's PSS, store pages excluded | {owner_pss:.0f} MiB | idle Ray actor {s["idle_pss_mib"]:.0f} MiB | {s["owner_vs_idle"]:.2f}x |
 | owner's PSS, store pages excluded | {owner_pss:.0f} MiB | idle actor that imported torch {s["idle_with_torch_pss_mib"]:.0f} MiB | {owner_pss / s["idle_with_torch_pss_mib"]:.2f}x |
 
-The owner's private memory: {owner_private:.0f} MiB. It maps torch: {s["owner_maps_torch"]}.
+The owner maps torch: {s["owner_maps_torch"]}.
 """  # noqa: E501
     (RESULTS / "owner.md").write_text(table)
     print(table)

