@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._errors import CheckpointError
-from ._gguf import is_gguf
+from ._gguf import meant_as_gguf
 from ._manifest import ITEMSIZE
 from ._spool import map_file
 
@@ -84,7 +84,7 @@ def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
     layout = safetensors_layout(path)
     if layout is not None:
         return _tensors_of(layout)
-    if is_gguf(Path(path)):
+    if meant_as_gguf(Path(path)):
         from ._gguf import gguf_state_dict
 
         return gguf_state_dict(Path(path))

@@ -44,6 +44,7 @@ __all__ = [
     "gguf_folder",
     "gguf_state_dict",
     "is_gguf",
+    "meant_as_gguf",
     "save_tokenizer_files",
 ]
 
@@ -77,6 +78,13 @@ def is_gguf(path: Path) -> bool:
             return file.read(4) == MAGIC
     except OSError:  # missing, a directory, unreadable
         return False
+
+
+def meant_as_gguf(path: Path) -> bool:
+    """A GGUF file, or a file named `.gguf`: read as GGUF either way, so that a damaged one is called a bad GGUF
+    file rather than a bad torch checkpoint."""
+    path = Path(path)
+    return path.suffix.lower() == ".gguf" or is_gguf(path)
 
 
 def check_gguf(path: Path) -> None:

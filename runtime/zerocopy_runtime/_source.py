@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from ._errors import CheckpointError
-from ._gguf import is_gguf
+from ._gguf import meant_as_gguf
 from .config import ModelSource
 
 
@@ -39,7 +39,7 @@ def local_path(source: ModelSource) -> Path:
 def model_folder(weights: Path) -> Path:
     """Where the model's config, tokenizer and chat template are: beside its weights, or, for a GGUF file
     (which carries them in its metadata), a folder written from it once into the node's cache."""
-    if is_gguf(weights):
+    if meant_as_gguf(weights):
         from ._gguf import gguf_folder
 
         return gguf_folder(weights)

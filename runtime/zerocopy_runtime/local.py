@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ._architecture import architecture_factory
 from ._checkpoint import load_mapped
 from ._errors import WeightsNotFoundError, ZeroCopyError
-from ._gguf import check_gguf, is_gguf
+from ._gguf import check_gguf, meant_as_gguf
 from ._source import local_path, model_folder, verify
 from ._store import format_bytes
 from .config import AppArgs
@@ -45,7 +45,7 @@ def preflight(args: AppArgs) -> Path:
     """
     path = local_path(args.model)
     verify(path, args.model)
-    if is_gguf(path):
+    if meant_as_gguf(path):
         check_gguf(path)  # its header: dequantizing is the owner's job, once
     else:
         load_mapped(path)

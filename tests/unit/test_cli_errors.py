@@ -67,6 +67,16 @@ def _truncated(folder: Path) -> None:
     (folder / "mlp.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def _not_gguf(folder: Path) -> None:
+    (folder / "m.gguf").write_bytes(b"this is a text file, not llama.cpp's GGUF")
+
+
+def _gguf_cut_in_its_header(folder: Path) -> None:
+    (folder / "m.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (272).to_bytes(8, "little"))
+
+
+_GGUF = {"model__uri": "file://m.gguf", "model__architecture": {"transformers": "AutoModelForCausalLM"}}
+
 #: (case, the file's content, a change to the folder, the words the message must contain)
 CASES: list[tuple[str, Any, Callable[[Path], None] | None, list[str]]] = [
     ("malformed-yaml", "apiVersion: zerocopy.dev/v1alpha1\nspec: [\n", None, ["model.yaml", "not valid YAML", "line"]),
@@ -89,6 +99,8 @@ CASES: list[tuple[str, Any, Callable[[Path], None] | None, list[str]]] = [
     ("missing-tokenizer", _resource(model__architecture={"transformers": "LlamaForCausalLM"},
                                     serving__task="text-generation"), _config_without_tokenizer,
      ["Text tasks need the model's tokenizer", "tokenizer.save_pretrained()"]),
+    ("gguf-that-is-not", _resource(**_GGUF), _not_gguf, ["m.gguf", "is not a GGUF file"]),
+    ("gguf-truncated", _resource(**_GGUF), _gguf_cut_in_its_header, ["m.gguf", "truncated"]),
 ]  # fmt: skip
 
 
