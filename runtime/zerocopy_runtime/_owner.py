@@ -10,6 +10,7 @@ for safetensors, and it maps a checkpoint only while copying it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -163,6 +164,8 @@ class WeightOwner:
             metadata={"source": str(Path(path).resolve()), **({"dtype": dtype} if dtype else {})},
             publish_seconds=time.perf_counter() - started,
         )
+        del arrays, payload
+        _give_back_heap()
 
     @ray.method(concurrency_group="progress")
     def progress(self) -> tuple[int, int]:
@@ -226,6 +229,17 @@ def _casts(records: list[TensorRecord], storages: int, dtype: str | None) -> lis
         if record.dtype in FLOATING and record.dtype != dtype:
             casts[record.storage] = (record.dtype, dtype)
     return casts
+
+
+def _give_back_heap() -> None:
+    """Return the heap a read left behind (a torch state dict's, a GGUF's dequantized tensors, cast buffers) to
+    the system: the owner lives as long as the copy, and glibc keeps freed arenas mapped."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _cast_size(array: np.ndarray, cast: tuple[str, str] | None) -> int:
