@@ -11,11 +11,13 @@ cache folder. Nothing listens beyond loopback; certificates are made here, for t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -225,7 +227,9 @@ class ControlPlane:
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         with (self.folder / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+            )
         self._processes.append(process)
         return process
 
@@ -352,6 +356,13 @@ class ControlPlane:
                 process.kill()
                 process.wait()
         self._processes.clear()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the test process dies, even killed (a CI timeout, a Ctrl-C), so
+    that no control plane outlives its session."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _plain_get(url: str) -> bool:
