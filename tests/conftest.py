@@ -36,9 +36,11 @@ def kube_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
-def kube_namespace(kube_cluster: Cluster) -> str:
-    """A namespace of the test's own (deleted at the end of the session, without waiting)."""
-    return kube_cluster.new_namespace()
+def kube_namespace(kube_cluster: Cluster) -> Iterator[str]:
+    """A namespace of the test's own, deleted after it (without waiting: the namespace controller finishes it)."""
+    name = kube_cluster.new_namespace()
+    yield name
+    kube_cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 @pytest.fixture(scope="session")

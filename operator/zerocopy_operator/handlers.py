@@ -28,10 +28,12 @@ from .status import REFUSED
 MODELS = (GROUP, VERSION, PLURAL)
 CLUSTERS = (GROUP, VERSION, CLUSTER_PLURAL)
 RAYSERVICES = (RAY_GROUP, RAY_VERSION, RAY_PLURAL)
-#: Transient whatever the spec: an API error (an answer: 409 on a concurrent change, 500, 503), or no answer at all
-#: (the API server restarting, a dropped connection, a timeout), which the client raises from urllib3 or the socket.
-#: Not every OSError: a bug that raises one (a missing file) is reported, not retried forever in silence.
-TRANSIENT = (ApiException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+#: No answer from the API server (restarting, a dropped connection, a timeout), as the client raises it from
+#: urllib3 or the socket. Not every OSError: a bug that raises one (a missing file) is reported, not retried forever.
+UNANSWERED = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+#: Answers that refuse the request itself (a RayService KubeRay's CRD refuses, a malformed patch): the same request
+#: fails again, so they are reported like a bug, not retried.
+REFUSED_REQUESTS = frozenset({400, 422})
 
 
 @kopf.on.startup()
@@ -71,9 +73,9 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> 
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
-    except TRANSIENT as exc:
-        raise _retry(exc) from None
-    except Exception as exc:  # a bad spec, or a bug: either way retrying the same spec cannot help
+    except Exception as exc:  # a bad spec, a refused request, or a bug: retrying the same spec cannot help
+        if _transient(exc):
+            raise _retry(exc) from None
         status = rc.refused_status(resource, exc)
         patch.status.update(status)
         kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
@@ -132,9 +134,9 @@ def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -
     except rc.NotOurs as exc:
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=60) from None
-    except TRANSIENT as exc:
-        raise _retry(exc) from None
-    except Exception as exc:  # a bad spec, or a bug
+    except Exception as exc:  # a bad spec, a refused request, or a bug
+        if _transient(exc):
+            raise _retry(exc) from None
         status = rc.refused_status(resource, exc)
         patch.status.update(status)
         kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
@@ -208,7 +210,7 @@ def model_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         _sync_quietly(memo, namespace, cluster)
     try:
         _retry_refused(memo, namespace)
-    except TRANSIENT as exc:  # kopf never retries an event handler: say so, the next deletion retries
+    except (ApiException, *UNANSWERED) as exc:  # kopf never retries an event handler: say so, the next one does
         logging.getLogger(__name__).warning("Not retrying refused models in %s: %s", namespace, exc)
 
 
@@ -217,7 +219,7 @@ def _retry_refused(memo: Any, namespace: str) -> None:
         if _refused(other):
             try:
                 rc.check(memo.kube, other)
-            except TRANSIENT:
+            except (ApiException, *UNANSWERED):
                 raise  # not "still refused": the API did not answer
             except Exception:  # still refused: its condition already says why
                 continue
@@ -225,10 +227,18 @@ def _retry_refused(memo: Any, namespace: str) -> None:
             memo.kube.annotate_model(namespace, other["metadata"]["name"], {f"{GROUP}/retry": rc.now()})
 
 
-def _retry(exc: Exception) -> kopf.TemporaryError:
-    """A short back-off, for a TRANSIENT error: never a condition that pins the resource until its spec changes."""
+def _transient(exc: BaseException) -> bool:
+    """Whether the same request may succeed later: no answer, or an answer other than a refusal of the request
+    (409 on a concurrent change, 403 until RBAC is fixed, 404 of a namespace being made, 429, 5xx)."""
     if isinstance(exc, ApiException):
-        return kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=10)
+        return exc.status not in REFUSED_REQUESTS
+    return isinstance(exc, UNANSWERED)
+
+
+def _retry(exc: Exception) -> kopf.TemporaryError:
+    """A short back-off, for a transient error: never a condition that pins the resource until its spec changes."""
+    if isinstance(exc, ApiException):
+        return kopf.TemporaryError(f"Kubernetes API error {exc.status}: {rc.api_message(exc)}; retrying", delay=10)
     return kopf.TemporaryError(f"Kubernetes API unreachable ({type(exc).__name__}: {exc}); retrying", delay=10)
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from .api import ZeroCopyModelSpec
 from .kube import Kube
 from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix, service_name
@@ -58,11 +60,21 @@ def refused_status(resource: dict[str, Any], error: Exception) -> dict[str, Any]
     generation = resource["metadata"].get("generation")
     if isinstance(error, InvalidSpec):
         return invalid_status(str(error), generation, previous, now())
+    if isinstance(error, ApiException):  # a request the API server refused as such (400, 422): say what it said
+        error = RuntimeError(f"the Kubernetes API refused the request with {error.status}: {api_message(error)}")
     message = (
         f"the operator failed on this spec ({type(error).__name__}: {error}); nothing was changed and it will not "
         "retry until the spec changes. This is a bug in zerocopy-operator: please report it with this message"
     )
     return invalid_status(message, generation, previous, now(), reason=OPERATOR_ERROR)
+
+
+def api_message(error: ApiException) -> str:
+    """The `message` of the API server's `kind: Status` answer (its body), or its reason where there is none."""
+    try:
+        return str(json.loads(error.body or "").get("message") or error.reason)
+    except (ValueError, AttributeError):
+        return str(error.reason)
 
 
 def desired_rayservice(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:

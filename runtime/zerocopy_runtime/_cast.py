@@ -40,7 +40,7 @@ def cast_bytes(raw: np.ndarray, source: str, target: str) -> np.ndarray:
         out = _float32_to_bfloat16(values.astype(np.float32, copy=False))
     else:
         with np.errstate(over="ignore"):  # beyond float16's range is infinity, as in torch
-            out = values.astype(_NUMPY[target])
+            out = values.astype(_NUMPY[target], copy=False)
     return out.view(np.uint8)
 
 

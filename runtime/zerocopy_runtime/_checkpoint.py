@@ -126,7 +126,10 @@ def _entry(file: Path, name: str, info: dict, data_start: int, size: int) -> Saf
     if dtype is None:
         raise ValueError(f"unsupported dtype {info['dtype']}")
     shape = tuple(int(n) for n in info["shape"])
-    begin, end = (data_start + int(o) for o in info["data_offsets"])
+    first, last = (int(o) for o in info["data_offsets"])
+    if not 0 <= first <= last:
+        raise ValueError(f"its data_offsets {[first, last]} are not a range of the data")
+    begin, end = data_start + first, data_start + last
     if end > size:
         raise ValueError("its bytes run past the end of the file: the file is truncated")
     needed = math.prod(shape) * ITEMSIZE[dtype]

@@ -4,8 +4,9 @@ Ray frees an object when the process that created it dies, so the bytes must
 be created by a process that outlives replicas and publishers: this actor.
 It never runs user code, holds no CPU reservation, and is pinned to the node
 whose store it fills. It stays light: it copies bytes, so it imports torch
-only for a torch state dict (`.pt`/`.bin`, which only torch can read), never
-for safetensors, and it maps a checkpoint only while copying it.
+only for what only torch reads (a `.pt`/`.bin` state dict, a GGUF file that
+transformers dequantizes), never for safetensors, and it maps a checkpoint
+only while copying it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ._cast import FLOATING, cast_bytes, cast_size
 from ._checkpoint import SafetensorsEntry, safetensors_layout
-from ._errors import ObjectStoreFullError
+from ._errors import CheckpointError, ObjectStoreFullError
 from ._guard import PAGE
 from ._manifest import Manifest, StorageRecord, TensorRecord
 from ._spool import map_file
@@ -140,7 +141,7 @@ class WeightOwner:
         started = time.perf_counter()
         layout = safetensors_layout(path)
         if layout is None:
-            records, arrays, kind = _torch_checkpoint(path, dtype)
+            records, arrays, kind = _torch_checkpoint(path)
         else:
             (records, arrays), kind = _safetensors_storages(layout), "state_dict"
         casts = _casts(records, len(arrays), dtype)
@@ -213,19 +214,26 @@ def _safetensors_storages(layout: list[SafetensorsEntry]) -> tuple[list[TensorRe
         else:
             storage = len(arrays)
             arrays.append(mapped[entry.file][entry.begin : entry.end])
-        stride = tuple(math.prod(entry.shape[i + 1 :]) for i in range(len(entry.shape)))
+        stride = tuple(math.prod(max(n, 1) for n in entry.shape[i + 1 :]) for i in range(len(entry.shape)))  # torch's
         records.append(TensorRecord((entry.name,), entry.dtype, entry.shape, stride, 0, storage, False, False, True))
     return records, arrays
 
 
 def _casts(records: list[TensorRecord], storages: int, dtype: str | None) -> list[tuple[str, str] | None]:
     """(from, to) for each storage a cast to `dtype` changes, None for those it leaves (not floating, or already
-    `dtype`). A storage is cast whole, so every tensor viewing it must hold the same dtype (safetensors' do: one
-    tensor per storage; a torch state dict is cast by torch before it gets here)."""
+    `dtype`). A storage is cast whole, once, whatever number of tensors view it (tied weights, views of one fused
+    storage stay one storage); tensors viewing one storage as different dtypes cannot be cast."""
     casts: list[tuple[str, str] | None] = [None] * storages
     if dtype is None:
         return casts
+    seen: dict[int, TensorRecord] = {}
     for record in records:
+        first = seen.setdefault(record.storage, record)
+        if first.dtype != record.dtype and (first.dtype in FLOATING or record.dtype in FLOATING):
+            raise CheckpointError(
+                f"Tensors {first.names[0]!r} ({first.dtype}) and {record.names[0]!r} ({record.dtype}) view the same "
+                f"bytes, so they cannot be cast to {dtype}: save them as separate tensors, or leave model.dtype unset."
+            )
         if record.dtype in FLOATING and record.dtype != dtype:
             casts[record.storage] = (record.dtype, dtype)
     return casts
@@ -250,21 +258,13 @@ def _cast(array: np.ndarray, cast: tuple[str, str] | None) -> np.ndarray:
     return array if cast is None else cast_bytes(array, *cast)
 
 
-def _torch_checkpoint(path: str, dtype: str | None) -> tuple[list[TensorRecord], list[np.ndarray], str]:
-    """A torch state dict, which only torch can read: loaded mapped, cast by torch (ties and views of one storage
-    stay one tensor), described by `_collect`."""
+def _torch_checkpoint(path: str) -> tuple[list[TensorRecord], list[np.ndarray], str]:
+    """A checkpoint only torch reads (a `.pt`/`.bin` state dict; a GGUF file, which transformers dequantizes):
+    loaded, then described by `_collect`, whose storages `_casts` casts like a safetensors file's."""
     from ._checkpoint import load_mapped
     from ._collect import collect
-    from ._dtypes import DTYPES
 
-    state = load_mapped(path)
-    if dtype is not None:
-        target = DTYPES[dtype]
-        cast: dict[int, Any] = {}  # by id: a tensor named twice (tied) is cast once
-        for name, tensor in state.items():
-            if tensor.is_floating_point() and tensor.dtype != target:
-                state[name] = cast.setdefault(id(tensor), tensor.to(target))
-    collected = collect(state)
+    collected = collect(load_mapped(path))
     return collected.records, [storage.numpy() for storage in collected.storages], collected.kind
 
 

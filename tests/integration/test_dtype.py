@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import zerocopy_runtime as zc
 from tests.helpers import same_bits
+from tests.models import TinyTransformer
 from tests.text_models import causal_lm_folder
 from zerocopy_runtime._architecture import architecture_factory
 from zerocopy_runtime.config import Architecture
@@ -51,15 +52,26 @@ def test_a_safetensors_checkpoint_is_cast_once_by_an_owner_without_torch(
 
 
 def test_a_torch_state_dict_is_cast_once_and_keeps_its_ties(published: list, tmp_path: Path) -> None:
-    weight = torch.randn(8, 4)
-    torch.save({"embed": weight, "head": weight, "steps": torch.arange(3)}, tmp_path / "m.pt")
+    """A real `model.state_dict()` saved by torch: its tied weights come back as two tensors on one storage, which
+    is cast once (and the architecture, built in bfloat16, attaches to it); float8 is served as stored."""
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    state = model.state_dict() | {"scale": torch.randn(4).to(torch.float8_e4m3fn)}
+    torch.save(state, tmp_path / "m.pt")
     handle = zc.publish(tmp_path / "m.pt", dtype="bfloat16")
     published.append(handle.name)
     attached = zc.attach(handle)
-    assert attached["embed"] is attached["head"]  # one cast copy for the two names
-    assert same_bits(attached["embed"], weight.to(torch.bfloat16))
-    assert attached["steps"].dtype == torch.int64
-    assert handle.nbytes == weight.to(torch.bfloat16).nbytes + torch.arange(3).nbytes
+    embed, head = attached["embed.weight"], attached["lm_head.weight"]
+    assert embed.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()  # one cast copy for both
+    assert same_bits(embed, model.embed.weight.detach().to(torch.bfloat16))
+    assert same_bits(attached["scale"], state["scale"])
+    unique = {t.untyped_storage().data_ptr(): t for t in state.values()}.values()
+    assert handle.nbytes == sum(
+        t.to(torch.bfloat16).nbytes if t.dtype in (torch.float32, torch.float16) else t.nbytes for t in unique
+    )
+    built = zc.attach(handle, factory=lambda: TinyTransformer().to(torch.bfloat16), strict=False)  # scale is extra
+    rebuilt = built.eval()
+    assert rebuilt.lm_head.weight is rebuilt.embed.weight
 
 
 def test_a_dtype_for_an_in_memory_model_or_a_dtype_that_is_not_floating_is_refused(ray_session: None) -> None:

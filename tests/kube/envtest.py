@@ -11,13 +11,11 @@ cache folder. Nothing listens beyond loopback; certificates are made here, for t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import hashlib
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -36,7 +34,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["ASSETS_ENV", "PACKED_DIR", "Binaries", "ControlPlane", "find_binaries", "running_control_plane"]
+__all__ = [
+    "ASSETS_ENV",
+    "PACKED_DIR",
+    "Binaries",
+    "ControlPlane",
+    "dying_with_this_process",
+    "find_binaries",
+    "running_control_plane",
+]
 
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 PACKED_DIR = Path(__file__).resolve().parents[3] / "shared" / "envtest"
@@ -228,7 +234,7 @@ class ControlPlane:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         with (self.folder / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+                dying_with_this_process(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self._processes.append(process)
         return process
@@ -358,11 +364,11 @@ class ControlPlane:
         self._processes.clear()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the test process dies, even killed (a CI timeout, a Ctrl-C), so
-    that no control plane outlives its session."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def dying_with_this_process(command: list[str]) -> list[str]:
+    """`command`, made to get SIGTERM when this (test) process dies, even killed (a CI timeout, a Ctrl-C), so that
+    nothing it started outlives the session: util-linux's `setpriv --pdeathsig` where there is one."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
 def _plain_get(url: str) -> bool:

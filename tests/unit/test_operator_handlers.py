@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -223,6 +224,34 @@ def test_an_api_error_is_retried_and_pins_nothing(memo: SimpleNamespace, posted:
     assert posted == []
     _reconcile_model(memo, "alpha")  # the retry
     assert _model(memo, "alpha")["status"]["phase"] == "Provisioning"
+
+
+@pytest.mark.parametrize("status", [403, 404, 409, 429, 503])
+def test_an_answer_that_may_change_is_retried(memo: SimpleNamespace, posted: list[Posted], status: int) -> None:
+    memo.kube.add_model(model("alpha"))
+    memo.kube.fail("create_rayservice", ApiException(status=status))
+    with pytest.raises(kopf.TemporaryError) as retry:
+        _reconcile_model(memo, "alpha")
+    assert not isinstance(retry.value, kopf.PermanentError)
+    assert "status" not in _model(memo, "alpha")
+
+
+def test_a_request_the_api_server_refuses_is_reported_with_its_message_not_retried(
+    memo: SimpleNamespace, posted: list[Posted]
+) -> None:
+    """A RayService KubeRay's CRD refuses (422) fails the same way each time: a condition and an Event say why."""
+    memo.kube.add_model(model("alpha"))
+    refusal = ApiException(status=422, reason="Unprocessable Entity")
+    refusal.body = json.dumps({"kind": "Status", "message": 'RayService.ray.io "alpha" is invalid: spec.x: bad'})
+    memo.kube.fail("create_rayservice", refusal)
+    with pytest.raises(kopf.PermanentError):
+        _reconcile_model(memo, "alpha")
+    ready = _ready(_model(memo, "alpha"))
+    assert ready["reason"] == "OperatorError"
+    assert 'the Kubernetes API refused the request with 422: RayService.ray.io "alpha" is invalid' in ready["message"]
+    assert "HTTP response headers" not in ready["message"]
+    assert [(p.type, p.reason) for p in posted] == [("Warning", "OperatorError")]
+    assert memo.kube.rayservices == {}
 
 
 @pytest.mark.parametrize("dropped", list(DROPPED), ids=list(DROPPED))
