@@ -137,15 +137,18 @@ def prepare(source: Path) -> dict[str, tuple[Path, str | None, str | None]]:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     bf16, pt = CACHE / "smollm2-bf16", CACHE / "smollm2-bin"
-    for target, save in ((bf16, {"safe_serialization": True}), (pt, {"safe_serialization": False})):
-        if not (target / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-            if target is bf16:
-                model = model.to(torch.bfloat16)
-            model.save_pretrained(target, **save)
-            for file in source.iterdir():  # tokenizer, chat template, generation config
-                if file.suffix != ".safetensors" and file.name != "config.json" and file.is_file():
-                    (target / file.name).write_bytes(file.read_bytes())
+    if not (bf16 / "model.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(torch.bfloat16)
+        model.save_pretrained(bf16)
+        _copy_tokenizer(source, bf16)
+    if not (pt / "pytorch_model.bin").is_file():  # save_pretrained writes safetensors only (transformers 5)
+        pt.mkdir(parents=True, exist_ok=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        torch.save(model.state_dict(), pt / "pytorch_model.bin")
+        model.config.save_pretrained(pt)
+        _copy_tokenizer(source, pt)
+    if any(pt.glob("*.safetensors")):
+        raise SystemExit(f"{pt} holds safetensors beside pytorch_model.bin: remove {CACHE} and run again")
     scenarios = {
         "fp32-safetensors": (source, None, "float32"),
         "bf16-served-fp32": (bf16, "float32", "float32"),
@@ -155,6 +158,13 @@ def prepare(source: Path) -> dict[str, tuple[Path, str | None, str | None]]:
     if gguf is not None:
         scenarios["gguf-q4-1"] = (gguf, "float32", "float32")
     return scenarios
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer, chat template and generation config beside another copy of the weights."""
+    for file in source.iterdir():
+        if file.suffix != ".safetensors" and file.name != "config.json" and file.is_file():
+            (target / file.name).write_bytes(file.read_bytes())
 
 
 def _smollm2_gguf() -> Path | None:
@@ -223,10 +233,10 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "start (from the imports every Serve replica has done, torch, transformers, Ray Serve, to a usable model),",
         "seconds; 'from nothing' is the first replica (ours publishes),",
         "'published' the median of the later ones (ours attaches: a scale-up, or a return from zero replicas).",
-        f"Weights' memory: the total less the replicas' own cost, {meta['empty_mib']:.0f} MiB each (the PSS of a",
-        "replica that imported the same and loaded only the tokenizer).",
+        f"Weights (+ our owner): the total less the replicas' own cost, {meta['empty_mib']:.0f} MiB each (the PSS",
+        "of a replica that imported the same and loaded only the tokenizer); ours includes the owner process.",
         "",
-        "| scenario | replicas | memory ours | memory plain | ratio | weights' memory ours / plain | ratio "
+        "| scenario | replicas | memory ours | memory plain | ratio | weights (+ our owner) ours / plain | ratio "
         "| load from nothing ours / plain | ratio | load published ours / plain | ratio | first token ours / plain "
         "| same token |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

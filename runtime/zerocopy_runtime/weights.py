@@ -469,6 +469,13 @@ def _assign(
                 continue
             source = tensors[found]
             used.add(found)  # named by the architecture, whether or not it fits
+            # A tie the architecture makes, saved as two tensors on one storage (torch.save of a state_dict):
+            # the other name's record is the same view, and is used by this slot too.
+            used.update(
+                index[n]
+                for n in names
+                if n in index and _same_view(manifest.tensors[index[n]], manifest.tensors[found])
+            )
             if source.shape != current.shape or source.dtype != current.dtype:
                 mismatched.append(
                     f"{names[0]!r}: checkpoint {tuple(source.shape)} {source.dtype}, "
@@ -494,6 +501,16 @@ def _assign(
             + ". Check that the factory builds the same model (and dtype) the checkpoint was saved from."
         )
     return module
+
+
+def _same_view(a: TensorRecord, b: TensorRecord) -> bool:
+    return (a.storage, a.storage_offset, a.shape, a.stride, a.dtype) == (
+        b.storage,
+        b.storage_offset,
+        b.shape,
+        b.stride,
+        b.dtype,
+    )
 
 
 def _slots(module: nn.Module, kind: str) -> list[tuple[list[str], list[tuple[nn.Module, str]]]]:

@@ -69,8 +69,11 @@ def test_a_torch_state_dict_is_cast_once_and_keeps_its_ties(published: list, tmp
     assert handle.nbytes == sum(
         t.to(torch.bfloat16).nbytes if t.dtype in (torch.float32, torch.float16) else t.nbytes for t in unique
     )
-    built = zc.attach(handle, factory=lambda: TinyTransformer().to(torch.bfloat16), strict=False)  # scale is extra
-    rebuilt = built.eval()
+    del state["scale"]
+    torch.save(state, tmp_path / "tied.pt")
+    tied = zc.publish(tmp_path / "tied.pt", dtype="bfloat16")
+    published.append(tied.name)
+    rebuilt = zc.attach(tied, factory=lambda: TinyTransformer().to(torch.bfloat16)).eval()  # strict: no name left
     assert rebuilt.lm_head.weight is rebuilt.embed.weight
 
 
