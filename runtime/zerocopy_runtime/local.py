@@ -41,7 +41,8 @@ def preflight(args: AppArgs) -> Path:
     Only the header of each file is read (its tensors are mapped, not loaded),
     except that a given sha256 is verified over the whole file, as the publisher would;
     the architecture's factory is imported (with the resource's folder importable) but not called;
-    text tasks' tokenizer is loaded from the model folder.
+    text tasks' tokenizer is loaded from the model folder. A GGUF file's header is checked (its tensors are
+    dequantized once, by the owner), and its model folder is written into the cache here, once.
     """
     path = local_path(args.model)
     verify(path, args.model)
