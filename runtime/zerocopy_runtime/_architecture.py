@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._errors import CheckpointError
+from ._gguf import meant_as_gguf
 from ._imports import import_callable
 from ._source import model_dir_path, model_folder
 from .config import Architecture
@@ -30,6 +31,12 @@ def architecture_factory(
     config.json by default."""
     build: Callable[[], nn.Module]
     if architecture.transformers is not None:
+        name = architecture.transformers
+        if meant_as_gguf(weights) and not (name == "AutoModelForCausalLM" or name.endswith("ForCausalLM")):
+            raise CheckpointError(
+                f"architecture.transformers {name!r} cannot hold a GGUF file's weights: they are named for the causal "
+                "LM transformers builds from the file (set architecture.transformers: AutoModelForCausalLM)."
+            )
         config = model_dir_path(architecture.config) if architecture.config else weights
         build = partial(_transformers_model, architecture.transformers, _config_dir(config), dtype)
     else:

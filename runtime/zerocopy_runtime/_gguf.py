@@ -23,9 +23,9 @@ import copy
 import functools
 import inspect
 import mmap
-import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,13 +109,15 @@ def gguf_folder(path: Path) -> Path:
     folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
-    staging = folder.with_name(f".{folder.name}-{os.getpid()}")
-    save_tokenizer_files(path, staging)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
+        save_tokenizer_files(path, staging)
         staging.rename(folder)  # whole or not at all; a concurrent writer's identical folder may be first
     except OSError:
         if not (folder / "config.json").is_file():
             raise
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
 

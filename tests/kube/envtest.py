@@ -91,22 +91,25 @@ def _unpacked(archive: Path) -> Path:
         return folder
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".unpack-"))
-    with tarfile.open(archive) as packed:
-        packed.extractall(staging, filter="data")
-    (unpacked,) = [path for path in staging.iterdir() if path.is_dir()]
-    sums = unpacked / "SHA256SUMS"
-    if sums.is_file():
+    try:
+        with tarfile.open(archive) as packed:
+            packed.extractall(staging, filter="data")
+        (unpacked,) = [path for path in staging.iterdir() if path.is_dir()]
+        sums = unpacked / "SHA256SUMS"
+        if not sums.is_file():
+            raise RuntimeError(f"{archive} holds no SHA256SUMS: its binaries cannot be checked")
         for line in sums.read_text().splitlines():
             digest, name = line.split()
             actual = hashlib.sha256((unpacked / name.lstrip("*")).read_bytes()).hexdigest()
             if actual != digest:
                 raise RuntimeError(f"{archive}: {name} does not match its SHA256SUMS; the archive is damaged")
-    (unpacked / ".complete").touch()
-    if folder.exists():  # another session unpacked it meanwhile
-        shutil.rmtree(staging)
-    else:
-        unpacked.rename(folder)
+        (unpacked / ".complete").touch()
+        with contextlib.suppress(OSError):  # another session may have put its identical copy there first
+            unpacked.rename(folder)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if not (folder / ".complete").is_file():
+        raise RuntimeError(f"could not unpack {archive} into {folder}")
     return folder
 
 
