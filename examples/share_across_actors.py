@@ -46,6 +46,11 @@ class Idle(_Process):
         build_model(4)(torch.randn(2, 1024))  # warm torch's allocator and kernels like the others
 
 
+@ray.remote(num_cpus=0)
+class Bare(_Process):
+    """A Ray worker that imports nothing: the baseline of the shared copy's owner, which never imports torch."""
+
+
 @ray.remote(num_cpus=0.1)
 class Shared(_Process):
     def __init__(self, wrapper: ModelWrapper) -> None:
@@ -91,7 +96,9 @@ def main() -> None:
     idle = [Idle.remote() for _ in range(args.actors + 1)]
     idle_pss = total_pss(ray.get([a.pid.remote() for a in idle]))
     per_idle = idle_pss // len(idle)
-    for actor in idle:
+    bare = Bare.remote()
+    per_bare = total_pss(ray.get([bare.pid.remote()]))
+    for actor in [*idle, bare]:
         ray.kill(actor)
 
     started = time.perf_counter()
@@ -101,7 +108,8 @@ def main() -> None:
     x = torch.randn(2, 1024)
     with torch.no_grad():
         assert all(torch.equal(y, model(x)) for y in ray.get([a.predict.remote(x) for a in shared]))
-    shared_mem, shared_load = measure(shared, per_idle * (args.actors + 1), [wrapper.published.owner_pid])
+    owner = [wrapper.published.owner_pid]
+    shared_mem, shared_load = measure(shared, per_idle * args.actors + per_bare, owner)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
