@@ -31,6 +31,7 @@ import numpy as np
 import ray
 
 import zerocopy_runtime as zc
+from zerocopy_runtime.memory import pss_by_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -39,15 +40,8 @@ MiB = 2**20
 
 
 def smaps(pid: int) -> dict[str, float]:
-    """MiB by kind from /proc/<pid>/smaps_rollup: PSS, and PSS of anonymous, file and shmem pages."""
-    wanted = {"Pss:": "pss", "Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
-    out = dict.fromkeys(set(wanted.values()), 0.0)
-    with open(f"/proc/{pid}/smaps_rollup") as lines:
-        for line in lines:
-            parts = line.split()
-            if parts and parts[0] in wanted:
-                out[wanted[parts[0]]] += int(parts[1]) * 1024 / MiB
-    return out
+    """PSS in MiB, whole and by kind of page (`zerocopy_runtime.memory.pss_by_kind`)."""
+    return {kind: size / MiB for kind, size in pss_by_kind(pid).items()}
 
 
 @ray.remote(num_cpus=0)

@@ -42,6 +42,8 @@ from typing import Any
 
 import ray
 
+from zerocopy_runtime.memory import pss_by_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 FOLDER = ROOT / "examples" / ".cache" / "smollm2-135m-instruct"
@@ -51,15 +53,8 @@ PROMPT = "What is the capital of France?"
 
 
 def smaps(pid: int) -> dict[str, float]:
-    """MiB from /proc/<pid>/smaps_rollup: PSS, and PSS of anonymous, file-backed and shared-memory pages."""
-    wanted = {"Pss:": "pss", "Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
-    out = dict.fromkeys(wanted.values(), 0.0)
-    with open(f"/proc/{pid}/smaps_rollup") as lines:
-        for line in lines:
-            parts = line.split()
-            if parts and parts[0] in wanted:
-                out[wanted[parts[0]]] = int(parts[1]) * 1024 / MiB
-    return out
+    """PSS in MiB, whole and by kind of page (`zerocopy_runtime.memory.pss_by_kind`)."""
+    return {kind: size / MiB for kind, size in pss_by_kind(pid).items()}
 
 
 @ray.remote(num_cpus=0)

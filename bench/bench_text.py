@@ -68,6 +68,7 @@ from zerocopy_runtime import pss_bytes
 from zerocopy_runtime._owner import published_names
 from zerocopy_runtime.config import AppArgs
 from zerocopy_runtime.local import replica_pids
+from zerocopy_runtime.memory import pss_by_kind
 from zerocopy_runtime.serve import ZeroCopyDeployment
 from zerocopy_runtime.weights import release
 
@@ -169,15 +170,9 @@ def infos(url: str, replicas: int, deadline_s: float = 60) -> dict[int, dict[str
 
 
 def rollup(pid: int) -> dict[str, float]:
-    """PSS by kind from /proc/<pid>/smaps_rollup, in MiB: anonymous, file-backed (page cache), shared memory."""
-    wanted = {"Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
-    out = {"anon": 0.0, "file": 0.0, "shmem": 0.0}
-    with open(f"/proc/{pid}/smaps_rollup") as lines:
-        for line in lines:
-            parts = line.split()
-            if parts and parts[0] in wanted:
-                out[wanted[parts[0]]] = int(parts[1]) * 1024 / MiB
-    return out
+    """PSS by kind in MiB: anonymous, file-backed (page cache), shared memory (`pss_by_kind`)."""
+    kinds = pss_by_kind(pid)
+    return {kind: kinds[kind] / MiB for kind in ("anon", "file", "shmem")}
 
 
 def raylet_pid() -> int | None:

@@ -350,11 +350,9 @@ _ROUTER = DeploymentConfig().request_router_config
 
 def outcome(kube: Cluster, resource: dict[str, Any]) -> str:
     """'refused' or 'rendered' for a ZeroCopyModel; raises (failing the test) for anything in between."""
-    reason = refusal(validate, resource)
-    if reason is not None:
-        assert reason.strip(), "InvalidSpec without a message"
+    spec = validated(validate, resource)
+    if spec is None:
         return "refused"
-    spec = validate(resource)
     if spec.cluster_ref is None:
         rayservice = build_rayservice(resource, IMAGE)
     else:  # one application of its ZeroCopyCluster's RayService, placed as the operator places it
@@ -368,6 +366,17 @@ def outcome(kube: Cluster, resource: dict[str, Any]) -> str:
     assert_kuberay_accepts(kube, rayservice)
     assert_serve_accepts(rayservice)
     return "rendered"
+
+
+def validated(check: Any, resource: dict[str, Any]) -> Any:
+    """What `check` (`validate`, `validate_cluster`) returns, or None where it refuses with an `InvalidSpec`, which
+    must say why; each resource is validated once."""
+    try:
+        return check(resource)
+    except InvalidSpec as refused:
+        message = str(refused)
+    assert message.strip(), "InvalidSpec without a message"
+    return None
 
 
 def refusal(check: Any, resource: dict[str, Any]) -> str | None:
@@ -395,11 +404,9 @@ MEMBER = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "member"
 
 def cluster_outcome(kube: Cluster, resource: dict[str, Any]) -> str:
     """'refused' or 'rendered' for a ZeroCopyCluster; raises (failing the test) for anything in between."""
-    reason = refusal(validate_cluster, resource)
-    if reason is not None:
-        assert reason.strip(), "InvalidSpec without a message"
+    spec = validated(validate_cluster, resource)
+    if spec is None:
         return "refused"
-    spec = validate_cluster(resource)
     name = resource["metadata"]["name"]
     member = {**MEMBER, "spec": {**LEAST_SPEC[KIND], "clusterRef": {"name": name}}}
     plan = plan_cluster(name, spec, [member], {})  # no application where the member does not fit: Serve runs none
