@@ -70,6 +70,7 @@ class Replica:
 
         from zerocopy_runtime import attach
         from zerocopy_runtime._architecture import architecture_factory
+        from zerocopy_runtime._source import model_folder
         from zerocopy_runtime.config import AppArgs
         from zerocopy_runtime.serve import find_or_publish
 
@@ -88,7 +89,8 @@ class Replica:
                 }
             )
             published = find_or_publish(args)
-            factory = architecture_factory(args.model.architecture, Path(folder), dtype)  # type: ignore[arg-type]
+            gguf = folder.endswith(".gguf")
+            factory = architecture_factory(args.model.architecture, model_folder(Path(folder)), dtype, gguf=gguf)  # type: ignore[arg-type]
             self.model = attach(published, factory=factory).eval()
             self.owner_pid = published.owner_pid
         elif folder.endswith(".gguf"):  # transformers dequantizes the file in every replica
@@ -99,8 +101,6 @@ class Replica:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype or "float32")).eval()
         self.load_s = time.perf_counter() - started
-        from zerocopy_runtime._source import model_folder
-
         tokenizer = AutoTokenizer.from_pretrained(model_folder(Path(folder)))  # a GGUF's: written from it once
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False

@@ -18,26 +18,26 @@ import torch
 from torch import nn
 
 from ._errors import CheckpointError
-from ._gguf import meant_as_gguf
 from ._imports import import_callable
 from ._source import model_dir_path, model_folder
 from .config import Architecture
 
 
 def architecture_factory(
-    architecture: Architecture, weights: Path, dtype: str | None = None
+    architecture: Architecture, folder: Path, dtype: str | None = None, *, gguf: bool = False
 ) -> Callable[[], nn.Module]:
-    """A callable building the architecture (in `dtype`, where given); `weights` locates a transformers
-    config.json by default."""
+    """A callable building the architecture (in `dtype`, where given); `folder` (the model folder:
+    `_source.model_folder` of the weights) holds a transformers config.json by default; `gguf`: the weights
+    are a GGUF file's, named for the causal LM transformers builds from it."""
     build: Callable[[], nn.Module]
     if architecture.transformers is not None:
         name = architecture.transformers
-        if meant_as_gguf(weights) and not (name == "AutoModelForCausalLM" or name.endswith("ForCausalLM")):
+        if gguf and not (name == "AutoModelForCausalLM" or name.endswith("ForCausalLM")):
             raise CheckpointError(
                 f"architecture.transformers {name!r} cannot hold a GGUF file's weights: they are named for the causal "
                 "LM transformers builds from the file (set architecture.transformers: AutoModelForCausalLM)."
             )
-        config = model_dir_path(architecture.config) if architecture.config else weights
+        config = model_dir_path(architecture.config) if architecture.config else folder
         build = partial(_transformers_model, architecture.transformers, _config_dir(config), dtype)
     else:
         assert architecture.factory is not None  # the config type requires one of the two

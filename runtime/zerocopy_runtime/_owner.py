@@ -28,6 +28,7 @@ from ._checkpoint import SafetensorsEntry, safetensors_layout
 from ._errors import CheckpointError, ObjectStoreFullError
 from ._guard import PAGE
 from ._manifest import Manifest, StorageRecord, TensorRecord
+from ._source import side_files
 from ._spool import map_file
 from ._store import format_bytes, local_store_usage
 
@@ -119,6 +120,7 @@ class WeightOwner:
     def __init__(self) -> None:
         self._chunks: list[ray.ObjectRef] = []
         self._manifest: Manifest | None = None
+        self._files: ray.ObjectRef | None = None
         self._spool: dict[str, np.ndarray] = {}
         self._users: set[tuple[str, str]] = set()
         self._started = time.time()
@@ -135,10 +137,15 @@ class WeightOwner:
         self._manifest = manifest
         self._spool.clear()
 
-    def publish_checkpoint(self, path: str, chunk_bytes: int, dtype: str | None = None) -> None:
+    def publish_checkpoint(
+        self, path: str, chunk_bytes: int, dtype: str | None = None, files: str | None = None
+    ) -> None:
         """Read a checkpoint in this process, straight from its mapped pages into the store; with `dtype`, every
-        floating tensor is cast on the way, one chunk at a time."""
+        floating tensor is cast on the way, one chunk at a time. `files`: a folder whose config, tokenizer and
+        chat template go into the store too (one small object), for replicas on nodes that lack them."""
         started = time.perf_counter()
+        if files is not None:
+            self._files = ray.put(side_files(Path(files)))
         layout = safetensors_layout(path)
         if layout is None:
             records, arrays, kind = _torch_checkpoint(path)
@@ -174,8 +181,8 @@ class WeightOwner:
         return self._copied
 
     @ray.method(concurrency_group="query")
-    def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int]:
-        return self._manifest, list(self._chunks), os.getpid()
+    def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int, ray.ObjectRef | None]:
+        return self._manifest, list(self._chunks), os.getpid(), self._files
 
     def register(self, user: str, namespace: str) -> None:
         """Record a named actor (a Serve replica) that attached to these weights."""

@@ -51,7 +51,7 @@ def preflight(args: AppArgs) -> Path:
     else:
         load_mapped(path)
     if args.model.architecture is not None:  # imports the factory or checks the class; builds nothing
-        architecture_factory(args.model.architecture, path)
+        architecture_factory(args.model.architecture, model_folder(path), gguf=meant_as_gguf(path))
     if args.task != "tensor":
         load_tokenizer(model_folder(path))  # text tasks need the model's own tokenizer
     return path

@@ -28,7 +28,7 @@ from ._architecture import architecture_factory
 from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
 from ._metrics import ReplicaMetrics
 from ._owner import NAMESPACE, actor_name, published_names
-from ._source import local_path, model_folder, revision, verify
+from ._source import is_gguf_source, is_remote, local_path, model_folder, revision, verify, write_side_files
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
 from .openai_protocol import ApiError
@@ -62,9 +62,11 @@ def find_or_publish(
     died) race for the owner's name: one publishes, the others wait for its
     copy, so the weights are read and stored exactly once. `verified`: the caller has already
     checked the file against model.sha256 (hashing gigabytes twice helps no one).
+    A remote checkpoint is downloaded only to publish it: its revision is named from the source's listing, and
+    it is published with its side files (`model_files`), so a replica on another node reads nothing from the
+    source, and pulls the bytes from the publishing node's store into its own.
     """
-    path = local_path(args.model)
-    name = weights_name(args, revision(args.model, path))
+    name = weights_name(args, revision(args.model))
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -79,14 +81,24 @@ def find_or_publish(
             continue
         except WeightsNotFoundError:
             pass
+        path = local_path(args.model)
         if not verified:
             verify(path, args.model)
             verified = True
+        files = model_folder(path) if is_remote(args.model.uri) else None
         try:
-            return publish(path, name=name, progress=progress, dtype=args.model.dtype)
+            return publish(path, name=name, progress=progress, dtype=args.model.dtype, files=files)
         except AlreadyPublishedError:
             time.sleep(0.2)  # another replica won the race: wait for its copy
             continue
+
+
+def model_files(args: AppArgs, published: PublishedModel | None) -> Path:
+    """The model's folder on this node (config, tokenizer, chat template): beside a local checkpoint, or, for a
+    remote one, written once into the node's cache from the files published with its weights."""
+    if published is None or published.files is None:
+        return model_folder(local_path(args.model))
+    return write_side_files(published.name, ray.get(published.files))
 
 
 def _register_replica(published: PublishedModel) -> None:
@@ -166,15 +178,16 @@ class ZeroCopyDeployment:
         self.text: TextEngine | None = None
         self.vllm: Any = None
         batching = (self.args.batching.max_batch_size, self.args.batching.batch_wait_timeout_s)
-        folder = model_folder(local_path(self.args.model))
+        # A local model's structure is checked before its weights are read; a remote one's folder comes with them.
+        published = find_or_publish(self.args) if is_remote(self.args.model.uri) else None
+        folder = model_files(self.args, published)
         if self.args.engine == "vllm":
-            self._start_vllm(folder, batching)
+            self._start_vllm(published or find_or_publish(self.args), folder, batching)
         else:
             assert self.args.model.architecture is not None  # AppArgs requires it for this engine
-            self.factory = architecture_factory(
-                self.args.model.architecture, local_path(self.args.model), self.args.model.dtype
-            )
-            self._attach()
+            gguf = is_gguf_source(self.args.model)
+            self.factory = architecture_factory(self.args.model.architecture, folder, self.args.model.dtype, gguf=gguf)
+            self._attach(published)
             if self.args.task != "tensor":
                 self.text = TextEngine(self.args.task, self.model, folder, self.args.name, batching)
         release_unused_revisions(self.args.name, keep=self.published.name)
@@ -185,20 +198,20 @@ class ZeroCopyDeployment:
         self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
         self._serving = True
 
-    def _start_vllm(self, folder: Path, batching: tuple[int, float]) -> None:
+    def _start_vllm(self, published: PublishedModel, folder: Path, batching: tuple[int, float]) -> None:
         """vLLM's engine, loading this revision's published weights (its own processes attach to them)."""
         from ._vllm import PublishedVllm
 
-        self.published = find_or_publish(self.args)
+        self.published = published
         _register_replica(self.published)
         self.vllm = PublishedVllm(self.args, self.published, folder)
         self.report, self.fingerprint = self.vllm.report, 0
         self.metrics.attached(self.report.attach_seconds, self.report.bytes_shared)
         self.text = TextEngine(self.args.task, None, folder, self.args.name, batching, self.vllm)
 
-    def _attach(self) -> None:
-        """Find (or publish) this revision's weights and point a fresh model at them."""
-        published = find_or_publish(self.args)
+    def _attach(self, published: PublishedModel | None = None) -> None:
+        """Point a fresh model at this revision's weights, finding (or publishing) them unless given."""
+        published = published or find_or_publish(self.args)
         _register_replica(published)
         model = attach(published, factory=self.factory, write_guard=self.args.write_guard, device=self.device).eval()
         report = attach_report(model)

@@ -65,6 +65,8 @@ class PublishedModel:
     manifest: Manifest
     refs: tuple[ray.ObjectRef, ...]
     owner_pid: int
+    #: The model folder's side files (config, tokenizer, chat template) when published with them: {path: bytes}.
+    files: ray.ObjectRef | None = None
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +97,7 @@ def publish(
     only: Sequence[str] | None = None,
     progress: Progress | None = None,
     dtype: str | None = None,
+    files: str | os.PathLike[str] | None = None,
 ) -> PublishedModel:
     """Put `source` in this node's object store once and return its handle.
 
@@ -106,6 +109,8 @@ def publish(
     pipeline (the rest travels by value). `progress(done, total)` is called
     with bytes copied into the store as publishing goes on, ending with done == total. `dtype` (float32,
     bfloat16, float16; checkpoints only) casts every floating tensor once, as it is copied into the store.
+    `files` (checkpoints only): a folder whose config, tokenizer and chat template are published beside the
+    weights, so that a node without the checkpoint gets them from the store (`PublishedModel.files`).
     """
     name = name or f"model-{uuid.uuid4().hex[:12]}"
     taken = AlreadyPublishedError(
@@ -124,6 +129,8 @@ def publish(
         checkpoint_files(Path(source))  # a bad path fails here, before any actor starts
     elif dtype is not None:
         raise ZeroCopyError("dtype casts a checkpoint as it is published; cast an in-memory model with .to() first")
+    elif files is not None:
+        raise ZeroCopyError("files travel with a checkpoint; an in-memory model is published without them")
     else:
         collected = collect(source, only)
         if not collected.records:
@@ -137,7 +144,8 @@ def publish(
         raise taken from exc
     try:
         if collected is None:
-            call = owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes, dtype)
+            folder = None if files is None else str(Path(files).resolve())
+            call = owner.publish_checkpoint.remote(str(Path(source).resolve()), chunk_bytes, dtype, folder)
             _wait_reporting(call, owner, progress)
         else:
             ray.get(owner.describe.remote())  # started: the copy timing excludes process start-up
@@ -205,14 +213,15 @@ def lookup(name: str, *, namespace: str = NAMESPACE) -> PublishedModel:
         manifest: Manifest | None
         refs: list[ray.ObjectRef]
         pid: int
-        manifest, refs, pid = ray.get(owner.describe.remote())
+        files: ray.ObjectRef | None
+        manifest, refs, pid, files = ray.get(owner.describe.remote())
     except ray.exceptions.RayActorError:
         raise WeightsNotFoundError(
             f"The owner of weights {name!r} has died or was released: publish them again."
         ) from None
     if manifest is None:
         raise PublishInProgressError(f"Weights {name!r} are still being published; retry once publish() has returned.")
-    return PublishedModel(name, namespace, manifest, tuple(refs), pid)
+    return PublishedModel(name, namespace, manifest, tuple(refs), pid, files)
 
 
 def release(model: PublishedModel | str, *, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:

@@ -421,7 +421,7 @@ def test_replica_waiting_for_a_stalled_publish_gives_up_at_its_deadline(ray_sess
     that lost the race must give up with the error that names the problem, not wait for ever.
     """
     from zerocopy_runtime._owner import start_owner
-    from zerocopy_runtime._source import local_path, revision
+    from zerocopy_runtime._source import revision
     from zerocopy_runtime.serve import find_or_publish, weights_name
 
     shards = tmp_path / "shards"
@@ -429,7 +429,7 @@ def test_replica_waiting_for_a_stalled_publish_gives_up_at_its_deadline(ray_sess
     fifo = shards / "model.safetensors"
     os.mkfifo(fifo)
     args = AppArgs.model_validate(app_args(shards))
-    name = weights_name(args, revision(args.model, local_path(args.model)))
+    name = weights_name(args, revision(args.model))
     owner = start_owner(name, NAMESPACE)  # the winner: its owner hangs opening the checkpoint
     owner.publish_checkpoint.remote(str(shards), 2**20)
     outcome: list[BaseException | object] = []

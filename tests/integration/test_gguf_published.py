@@ -40,7 +40,7 @@ def test_a_gguf_file_is_published_dequantized_once_and_answers_as_transformers_d
     folder = model_folder(GGUF)  # config, tokenizer and chat template, written once from the file's metadata
     assert folder.is_relative_to(cache)
     assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in folder.iterdir()}
-    factory = architecture_factory(Architecture(transformers="AutoModelForCausalLM"), GGUF, "bfloat16")
+    factory = architecture_factory(Architecture(transformers="AutoModelForCausalLM"), folder, "bfloat16", gguf=True)
     ours: Any = zc.attach(handle, factory=factory, strict=False).eval()
     theirs = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.bfloat16).eval()
     assert handle.nbytes == sum(p.nbytes for p in theirs.parameters())  # one bfloat16 copy, tied head once

@@ -91,6 +91,27 @@ def test_plain_actors_share_one_copy_per_node(run: dict[str, Any]) -> None:
         assert nbytes <= here["store_used"] <= 1.5 * nbytes, f"node {n} store holds {here['store_used']} B"
 
 
+def test_a_remote_model_is_read_from_its_source_once_for_both_nodes(run: dict[str, Any]) -> None:
+    """Node a downloads and publishes; node b pulls the weights from node a's store and the config and tokenizer
+    from the files published with them: not one byte of any file from the source, and nothing in its cache
+    but those side files."""
+    from tests.integration.two_nodes import SIDE_FILES
+
+    remote = part(run, "remote")
+    a, b = remote["a"], remote["b"]
+    assert a["read"] == remote["sizes"], "node a should read each file of the source exactly once"
+    assert b["read"] == {}, f"node b read {b['read']} from the source"
+    assert a["weights"] == b["weights"]
+    assert a["object_ids"] == b["object_ids"]
+    assert (a["node_id"], b["node_id"]) == (run["node_ids"]["a"], run["node_ids"]["b"])
+    assert a["bitwise"] is True
+    assert b["bitwise"] is True
+    for facts in (a, b):
+        assert facts["folder_in_cache"] is True  # written from the published side files on each node
+        assert facts["files"] == SIDE_FILES  # the config and tokenizer, and never the weights
+    assert all(path.startswith("published/") for path in b["cached"]), b["cached"]
+
+
 def test_serve_replicas_share_one_copy_per_node(run: dict[str, Any]) -> None:
     serve = part(run, "serve")
     nbytes = part(run, "actors")["nbytes"]

@@ -7,8 +7,10 @@ that does not happen within its deadline is reported as such, and the run goes o
 
 The head node is node "b": it runs the driver, the Serve controller and the only HTTP proxy, and
 survives. The worker node "a" publishes first, so it holds the owner of the shared copy; node "b"
-pulls one copy into its own store. Then node "a" is removed while requests keep coming to the
-replicas on "b".
+pulls one copy into its own store. A remote model (http:// on loopback, served by the driver) is
+read from the source once, by node "a"; node "b" takes the weights from node a's store and the
+config and tokenizer from the files published with them, and reads nothing from the source. Then
+node "a" is removed while requests keep coming to the replicas on "b".
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import threading
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,30 @@ class Probe:
         import zerocopy_runtime as zc
 
         return zc.publish(path, name=name).owner_pid
+
+    def from_remote(self, args: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
+        """What a replica of a remote model does: find (or publish) the weights, get the model folder, attach."""
+        import zerocopy_runtime as zc
+        from tests.models import MLP
+        from zerocopy_runtime.config import AppArgs
+        from zerocopy_runtime.serve import find_or_publish, model_files
+
+        parsed = AppArgs.model_validate(args)
+        published = find_or_publish(parsed)
+        folder = model_files(parsed, published)
+        model = zc.attach(published, factory=lambda: MLP(WIDTH, DEPTH)).eval()
+        with torch.no_grad():
+            output = model(x.unsqueeze(0))[0]
+        cache = Path(os.environ["ZEROCOPY_CACHE"])
+        return {
+            "node_id": zc.attach_report(model).node_id,
+            "weights": published.name,
+            "object_ids": [ref.hex() for ref in published.refs],
+            "folder_in_cache": folder.is_relative_to(cache),
+            "files": {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()},
+            "cached": sorted(str(f.relative_to(cache)) for f in cache.rglob("*") if f.is_file()),
+            "output": output,
+        }
 
     def copy_privately(self) -> None:
         """What sharing avoids: a private copy of every weight, for the memory measure to tell apart."""
@@ -212,6 +242,66 @@ def actors_phase(path: Path, x: torch.Tensor, expected: torch.Tensor, node_ids: 
     for actor in probes["a"] + probes["b"]:
         ray.kill(actor)
     zc.release(ACTOR_WEIGHTS)
+    return out
+
+
+#: Beside the weights of the remote model: what a replica reads besides them (a config, a tokenizer).
+SIDE_FILES = {"config.json": '{"width": 1024}', "tokenizer.json": '{"model": {"vocab": {"a": 0}}}'}
+
+
+class _Counting(SimpleHTTPRequestHandler):
+    """Serves a folder and counts the body bytes it sends, per file (directory listings apart)."""
+
+    sent: dict[str, int]
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        path = urllib.parse.unquote(self.path)
+        data = source.read()
+        if not path.endswith("/"):
+            self.sent[path] = self.sent.get(path, 0) + len(data)
+        outputfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+@contextmanager
+def http_source(root: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    sent: dict[str, int] = {}
+    handler = type("Handler", (_Counting,), {"sent": sent})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", sent
+    finally:
+        httpd.shutdown()
+
+
+def remote_phase(checkpoint: Path, work: Path, x: torch.Tensor, expected: torch.Tensor) -> dict[str, Any]:
+    """Node a's replica publishes an http:// model; then node b's, with an empty cache of its own, finds it."""
+    site = work / "site" / "mlp"
+    site.mkdir(parents=True)
+    shutil.copy(checkpoint, site / "model.safetensors")
+    for name, text in SIDE_FILES.items():
+        (site / name).write_text(text)
+    out: dict[str, Any] = {"sizes": {f"/mlp/{f.name}": f.stat().st_size for f in site.iterdir()}}
+    with http_source(work / "site") as (url, sent):
+        arch = {"factory": "tests.models:MLP", "kwargs": {"width": WIDTH, "depth": DEPTH}}
+        args = {"name": "remote-mlp", "model": {"uri": f"{url}/mlp/", "architecture": arch}}
+        for n in NODES:
+            env = {"ZEROCOPY_CACHE": str(work / f"cache-{n}")}  # each node's own disk
+            probe = Probe.options(resources={f"node_{n}": 0.01}, runtime_env={"env_vars": env}).remote()
+            ray.get(probe.pid.remote())
+            before = dict(sent)
+            facts = ray.get(probe.from_remote.remote(args, x))
+            out[n] = {k: v for k, v in facts.items() if k != "output"} | {
+                "bitwise": bool(torch.equal(facts["output"], expected)),
+                "read": {path: sent[path] - before.get(path, 0) for path in sent if sent[path] != before.get(path, 0)},
+            }
+            ray.kill(probe)
+    from zerocopy_runtime.serve import release_model
+
+    release_model("remote-mlp")
     return out
 
 
@@ -400,6 +490,10 @@ def main() -> dict[str, Any]:
         mark = time.monotonic()
         result["actors"] = actors_phase(checkpoint, x, expected, node_ids)
         result["actors_s"] = time.monotonic() - mark
+
+        mark = time.monotonic()
+        result["remote"] = remote_phase(checkpoint, work, x, expected)
+        result["remote_s"] = time.monotonic() - mark
 
         mark = time.monotonic()
         with socket.socket() as s:

@@ -323,8 +323,10 @@ def test_a_file_missing_a_weight_is_an_error(tmp_path: Path) -> None:
 def test_an_architecture_that_is_not_a_causal_lm_is_refused_for_a_gguf_file(tmp_path: Path) -> None:
     """The file's tensors are named for the causal LM transformers builds from it: another class cannot hold them."""
     from zerocopy_runtime._architecture import architecture_factory
-    from zerocopy_runtime.config import Architecture
+    from zerocopy_runtime._source import is_gguf_source
+    from zerocopy_runtime.config import Architecture, ModelSource
 
     path = write_tiny_llama(tmp_path / "tiny.gguf")
+    source = ModelSource.model_validate({"uri": str(path), "architecture": {"transformers": "LlamaModel"}})
     with pytest.raises(CheckpointError, match=r"'LlamaModel' cannot hold a GGUF file's weights.*AutoModelForCausalLM"):
-        architecture_factory(Architecture(transformers="LlamaModel"), path)
+        architecture_factory(Architecture(transformers="LlamaModel"), tmp_path, gguf=is_gguf_source(source))
