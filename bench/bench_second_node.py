@@ -116,6 +116,7 @@ class Replica:
         import torch
         from ray import serve  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.llama import modeling_llama  # noqa: F401  # the model's code, ours or plain
 
         from zerocopy_runtime import attach
         from zerocopy_runtime._architecture import architecture_factory

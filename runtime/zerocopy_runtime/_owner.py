@@ -3,10 +3,10 @@
 Ray frees an object when the process that created it dies, so the bytes must
 be created by a process that outlives replicas and publishers: this actor.
 It never runs user code, holds no CPU reservation, and is pinned to the node
-whose store it fills. It stays light: it copies bytes, so it imports torch
-only for what only torch reads (a `.pt`/`.bin` state dict, a GGUF file that
-transformers dequantizes), never for safetensors, and it maps a checkpoint
-only while copying it.
+whose store it fills. It stays light: it copies bytes and never imports torch
+(what only torch reads, a `.pt`/`.bin` state dict or a GGUF file that
+transformers dequantizes, is read by a child process: `_convert`), and it maps
+a checkpoint only while copying it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ._cast import FLOATING, cast_bytes, cast_size
 from ._checkpoint import SafetensorsEntry, safetensors_layout
+from ._convert import converted
 from ._errors import CheckpointError, ObjectStoreFullError
 from ._guard import PAGE
 from ._manifest import Manifest, StorageRecord, TensorRecord
@@ -123,6 +124,7 @@ class WeightOwner:
         self._files: ray.ObjectRef | None = None
         self._spool: dict[str, np.ndarray] = {}
         self._users: set[tuple[str, str]] = set()
+        self._apps: set[str] = set()
         self._started = time.time()
         self._copied = (0, 0)  # bytes in the store so far, of the total (publish_checkpoint only)
 
@@ -146,22 +148,24 @@ class WeightOwner:
         started = time.perf_counter()
         if files is not None:
             self._files = ray.put(side_files(Path(files)))
-        layout = safetensors_layout(path)
-        if layout is None:
-            records, arrays, kind = _torch_checkpoint(path)
-        else:
-            (records, arrays), kind = _safetensors_storages(layout), "state_dict"
-        casts = _casts(records, len(arrays), dtype)
-        sizes = [_cast_size(array, cast) for array, cast in zip(arrays, casts, strict=True)]
-        chunks = plan_chunks(sizes, chunk_bytes)
-        check_room(store_bytes(sizes, chunks), f"Checkpoint {path!r}")
-        done, total = 0, sum(sizes)
-        for members in chunks:
+        with contextlib.ExitStack() as stack:
+            layout = safetensors_layout(path)
+            if layout is None:  # only torch reads it: a child process does, and leaves the bytes in a file
+                records, arrays, kind = stack.enter_context(converted(path))
+            else:
+                (records, arrays), kind = _safetensors_storages(layout), "state_dict"
+            casts = _casts(records, len(arrays), dtype)
+            sizes = [_cast_size(array, cast) for array, cast in zip(arrays, casts, strict=True)]
+            chunks = plan_chunks(sizes, chunk_bytes)
+            check_room(store_bytes(sizes, chunks), f"Checkpoint {path!r}")
+            done, total = 0, sum(sizes)
+            for members in chunks:
+                self._copied = (done, total)
+                payload = [_cast(arrays[i], casts[i]) for i in members]
+                self._chunks.append(ray.put(chunk_payload(payload)))
+                done += sum(sizes[i] for i in members)
             self._copied = (done, total)
-            payload = [_cast(arrays[i], casts[i]) for i in members]
-            self._chunks.append(ray.put(chunk_payload(payload)))
-            done += sum(sizes[i] for i in members)
-        self._copied = (done, total)
+            del arrays, payload
         if dtype is not None:
             records = [replace(r, dtype=dtype) if r.dtype in FLOATING else r for r in records]
         self._manifest = Manifest(
@@ -172,7 +176,6 @@ class WeightOwner:
             metadata={"source": str(Path(path).resolve()), **({"dtype": dtype} if dtype else {})},
             publish_seconds=time.perf_counter() - started,
         )
-        del arrays, payload
         _give_back_heap()
 
     @ray.method(concurrency_group="progress")
@@ -184,14 +187,17 @@ class WeightOwner:
     def describe(self) -> tuple[Manifest | None, list[ray.ObjectRef], int, ray.ObjectRef | None]:
         return self._manifest, list(self._chunks), os.getpid(), self._files
 
-    def register(self, user: str, namespace: str) -> None:
-        """Record a named actor (a Serve replica) that attached to these weights."""
+    def register(self, user: str, namespace: str, app: str | None = None) -> None:
+        """Record a named actor (a Serve replica) that attached to these weights, and its Serve application."""
         self._users.add((user, namespace))
+        if app is not None:
+            self._apps.add(app)
 
     @ray.method(concurrency_group="query")
-    def usage(self) -> tuple[float, bool]:
-        """When this owner started, and whether any registered user is still alive."""
-        return self._started, self._in_use()
+    def usage(self) -> tuple[float, bool, list[str]]:
+        """When this owner started, whether any registered user is still alive, and the Serve applications that
+        have used it."""
+        return self._started, self._in_use(), sorted(self._apps)
 
     def _in_use(self) -> bool:
         alive = set()
@@ -263,16 +269,6 @@ def _cast_size(array: np.ndarray, cast: tuple[str, str] | None) -> int:
 
 def _cast(array: np.ndarray, cast: tuple[str, str] | None) -> np.ndarray:
     return array if cast is None else cast_bytes(array, *cast)
-
-
-def _torch_checkpoint(path: str) -> tuple[list[TensorRecord], list[np.ndarray], str]:
-    """A checkpoint only torch reads (a `.pt`/`.bin` state dict; a GGUF file, which transformers dequantizes):
-    loaded, then described by `_collect`, whose storages `_casts` casts like a safetensors file's."""
-    from ._checkpoint import load_mapped
-    from ._collect import collect
-
-    collected = collect(load_mapped(path))
-    return collected.records, [storage.numpy() for storage in collected.storages], collected.kind
 
 
 def start_owner(name: str, namespace: str) -> Any:

@@ -104,9 +104,10 @@ def model_files(args: AppArgs, published: PublishedModel | None) -> Path:
 def _register_replica(published: PublishedModel) -> None:
     context = ray.get_runtime_context()
     name = context.get_actor_name()
-    if name:  # Serve replicas are named actors; their owner learns who uses each revision
+    if name:  # Serve replicas are named actors; their owner learns who uses each revision, and for which app
         owner = ray.get_actor(actor_name(published.name), namespace=published.namespace)
-        ray.get(owner.register.remote(name, SERVE_NAMESPACE))  # replicas are named there, not in the job's
+        app = serve.get_replica_context().app_name
+        ray.get(owner.register.remote(name, SERVE_NAMESPACE, app))  # replicas are named there, not in the job's
 
 
 def release_unused_revisions(model: str, keep: str) -> list[str]:
@@ -119,14 +120,14 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
     """
     released: list[str] = []
     try:
-        kept_since, _ = _usage(keep)
+        kept_since, _, _ = _usage(keep)
     except (ValueError, ray.exceptions.RayError):
         return released
     for name in published_names():
         if name == keep or name.rpartition("-")[0] != model:
             continue
         try:
-            since, in_use = _usage(name)
+            since, in_use, _ = _usage(name)
             if since < kept_since and not in_use:
                 release(name)
                 released.append(name)
@@ -135,13 +136,38 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
     return released
 
 
+def live_applications(timeout_s: float = CONTROLLER_TIMEOUT_S) -> set[str]:
+    """The Serve applications that exist and are not being deleted."""
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    data: list[Any] = ray.get(controller.list_serve_statuses.remote(), timeout=timeout_s)
+    overviews = [StatusOverview.FromString(item) for item in data]
+    gone = (ApplicationStatus.APPLICATION_STATUS_DELETING, ApplicationStatus.APPLICATION_STATUS_NOT_STARTED)
+    return {o.name for o in overviews if o.app_status.status not in gone}
+
+
 def application_deleted(app: str, timeout_s: float = CONTROLLER_TIMEOUT_S) -> bool:
     """Whether Serve is deleting `app` (or has deleted it), as opposed to scaling or updating it in place."""
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    data: Any = ray.get(controller.get_serve_status.remote(app), timeout=timeout_s)
-    status = StatusOverview.FromString(data).app_status.status
-    gone = (ApplicationStatus.APPLICATION_STATUS_DELETING, ApplicationStatus.APPLICATION_STATUS_NOT_STARTED)
-    return status in gone  # NOT_STARTED: Serve has no application of that name
+    return app not in live_applications(timeout_s)
+
+
+def release_orphaned() -> list[str]:
+    """Release published copies whose Serve applications are all gone and that no live replica uses.
+
+    A model deleted while it has no replica (scaled to zero) has no replica to release its copy on the way
+    out; the health checks of every other model's replicas on the cluster do it. Copies that no Serve replica
+    ever used (a revision still being published, weights published from Python) are never touched.
+    """
+    released: list[str] = []
+    live = live_applications()
+    for name in published_names():
+        try:
+            _, in_use, apps = _usage(name)
+            if apps and not in_use and not live.intersection(apps):
+                release(name)
+                released.append(name)
+        except (ValueError, ZeroCopyError, ray.exceptions.RayError):
+            continue  # released or replaced concurrently: nothing to do
+    return released
 
 
 def release_model(model: str) -> list[str]:
@@ -157,10 +183,10 @@ def release_model(model: str) -> list[str]:
     return released
 
 
-def _usage(name: str) -> tuple[float, bool]:
+def _usage(name: str) -> tuple[float, bool, list[str]]:
     owner = ray.get_actor(actor_name(name), namespace=NAMESPACE)
     usage: Any = ray.get(owner.usage.remote(), timeout=10)
-    return float(usage[0]), bool(usage[1])
+    return float(usage[0]), bool(usage[1]), list(usage[2])
 
 
 @serve.deployment
@@ -344,7 +370,7 @@ class ZeroCopyDeployment:
         """
         if self.vllm is not None:  # vLLM holds its own copy: the engine's life is what matters here
             self.vllm.check()
-            release_unused_revisions(self.args.name, keep=self.published.name)
+            self._tidy()
             return
         try:
             current: PublishedModel | None = lookup(self.published.name)
@@ -356,4 +382,15 @@ class ZeroCopyDeployment:
             self.reattached += 1
         if self.device == "cpu" and fingerprint(self.model) != self.fingerprint:
             raise RuntimeError("The attached weights changed or moved since attach; restarting this replica.")
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """Release this model's superseded revisions, and copies of models deleted at zero replicas."""
         release_unused_revisions(self.args.name, keep=self.published.name)
+        try:
+            released = release_orphaned()
+        except ray.exceptions.RayError:  # a busy or restarting controller: the next health check tries again
+            logger.warning("could not list Serve's applications; orphaned weights are released later")
+            return
+        if released:
+            logger.info("released the weights of deleted applications: %s", released)

@@ -158,3 +158,34 @@ def test_one_model_changes_or_goes_and_the_other_keeps_its_replicas_and_weights(
     b_after = _info(urls[b])
     assert (b_after["pid"], b_after["object_ids"]) == (b_before["pid"], b_before["object_ids"])
     assert _answers_correctly(urls[b], models[b])
+
+
+def test_a_model_deleted_at_zero_replicas_has_its_copy_released_by_the_other_models_replicas(
+    models: dict[str, MLP], serve_port: int, tmp_path: Path
+) -> None:
+    """A model scaled to zero and then deleted has no replica left to release its copy; its owner still records
+    the application that used it, and the health checks of another model's replicas release it. A copy no Serve
+    replica ever used (published from Python) stays."""
+    import ray
+
+    import zerocopy_runtime as zc
+    from zerocopy_runtime._owner import actor_name, published_names
+    from zerocopy_runtime.config import AppArgs
+    from zerocopy_runtime.serve import find_or_publish
+
+    a, b = NAMES
+    _deploy([_application(b, tmp_path, healthCheckPeriodS=1)])
+    _until(lambda: _running(b), what=f"{b} running")
+    # What a model that scaled to zero and was then deleted leaves behind: its copy, whose owner recorded the
+    # application and a replica that is gone.
+    gone = find_or_publish(AppArgs.model_validate(_application(a, tmp_path)["args"]))
+    owner = ray.get_actor(actor_name(gone.name), namespace=gone.namespace)
+    ray.get(owner.register.remote(f"SERVE_REPLICA::{a}#Model#gone", "serve", a))
+    from_python = zc.publish(tmp_path / f"{a}.safetensors", name="published-from-python")
+    try:
+        _until(lambda: gone.name not in published_names(), timeout=30, what=f"{a}'s orphaned copy released")
+        assert from_python.name in published_names()
+        assert _info(f"http://127.0.0.1:{serve_port}/{b}")["weights"] in published_names()
+        assert _answers_correctly(f"http://127.0.0.1:{serve_port}/{b}", models[b])
+    finally:
+        zc.release(from_python)

@@ -108,22 +108,24 @@ def _maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def test_the_owner_of_a_safetensors_checkpoint_never_imports_torch(published: list, tmp_path: Path) -> None:
+def test_the_owner_never_imports_torch_whatever_the_checkpoint(published: list, tmp_path: Path) -> None:
     """It copies bytes as bytes (every dtype, an empty tensor, a scalar): its cost is an idle Ray worker's. A torch
-    state dict is the one checkpoint only torch can read: that owner does import it (so the check can fail)."""
+    state dict, which only torch can read, is read by a child process that exits once it has handed the bytes
+    over. (This process maps torch: the check can fail.)"""
     state = {str(d): sample(d) for d in ALL_DTYPES} | {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3)}
     save_file(state, tmp_path / "every-dtype.safetensors")
     torch.save(state, tmp_path / "every-dtype.pt")
-    light = _publish(published, tmp_path / "every-dtype.safetensors")
-    heavy = _publish(published, tmp_path / "every-dtype.pt")
-    assert not _maps_torch(light.owner_pid)
-    assert _maps_torch(heavy.owner_pid)
-    for handle in (light, heavy):
+    from_safetensors = _publish(published, tmp_path / "every-dtype.safetensors")
+    from_pickle = _publish(published, tmp_path / "every-dtype.pt")
+    assert _maps_torch(os.getpid())
+    assert not _maps_torch(from_safetensors.owner_pid)
+    assert not _maps_torch(from_pickle.owner_pid)
+    for handle in (from_safetensors, from_pickle):
         attached = zc.attach(handle)
         assert sorted(attached) == sorted(state)
         for name, tensor in state.items():
             assert same_bits(attached[name], tensor), name
-    assert light.nbytes == heavy.nbytes
+    assert from_safetensors.nbytes == from_pickle.nbytes
 
 
 def test_factory_mismatch_names_the_offending_tensors(published: list) -> None:
@@ -141,6 +143,22 @@ def test_missing_checkpoint_fails_before_anything_is_published(ray_session: None
         zc.publish(tmp_path / "missing.safetensors", name="missing-ckpt")
     with pytest.raises(zc.WeightsNotFoundError):
         zc.lookup("missing-ckpt")
+
+
+def test_a_damaged_torch_checkpoint_is_refused_naming_it_and_nothing_stays_published(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """The child process that reads it reports the reader's own error; its files are removed."""
+    from zerocopy_runtime._spool import _folder
+
+    damaged = tmp_path / "damaged.pt"
+    torch.save({"w": torch.ones(256)}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(zc.CheckpointError, match=r"damaged\.pt"):
+        zc.publish(damaged, name="damaged-ckpt")
+    with pytest.raises(zc.WeightsNotFoundError):
+        zc.lookup("damaged-ckpt")
+    assert not list(_folder(0).glob("zerocopy-convert-*"))
 
 
 def test_store_too_small_is_refused_with_sizes_and_the_setting(ray_session: None) -> None:
