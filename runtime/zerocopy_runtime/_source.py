@@ -225,12 +225,17 @@ def side_files(folder: Path) -> dict[str, bytes]:
     return {relative: (folder / relative).read_bytes() for relative in found if _is_side(relative)}
 
 
+def published_folder(name: str) -> Path:
+    """Where this node keeps the side files published with weights `name` (`write_side_files`)."""
+    return cache_dir() / "published" / name
+
+
 def write_side_files(name: str, files: dict[str, bytes]) -> Path:
     """Write published side files into this node's cache once, as `model_folder` would find them beside weights.
 
     The folder appears by one rename, so a replica never reads one half written by another.
     """
-    target = cache_dir() / "published" / name
+    target = published_folder(name)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,16 @@ from ._architecture import architecture_factory
 from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
 from ._metrics import ReplicaMetrics
 from ._owner import NAMESPACE, actor_name, published_names
-from ._source import is_gguf_source, is_remote, local_path, model_folder, revision, verify, write_side_files
+from ._source import (
+    is_gguf_source,
+    is_remote,
+    local_path,
+    model_folder,
+    published_folder,
+    revision,
+    verify,
+    write_side_files,
+)
 from .config import AppArgs
 from .handlers import BadRequest, fingerprint, load_handler
 from .openai_protocol import ApiError
@@ -98,7 +107,8 @@ def model_files(args: AppArgs, published: PublishedModel | None) -> Path:
     remote one, written once into the node's cache from the files published with its weights."""
     if published is None or published.files is None:
         return model_folder(local_path(args.model))
-    return write_side_files(published.name, ray.get(published.files))
+    folder = published_folder(published.name)  # written by an earlier replica on this node
+    return folder if folder.exists() else write_side_files(published.name, ray.get(published.files))
 
 
 def _register_replica(published: PublishedModel) -> None:
