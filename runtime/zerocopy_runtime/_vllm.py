@@ -177,6 +177,7 @@ class PublishedVllm(VllmGenerator):
         fields = {f.name for f in dataclasses.fields(AttachReport)}
         self.report = AttachReport(**{k: v for k, v in record.items() if k in fields})
         self.load_seconds = float(record["load_seconds"])
+        self.load_steps = {k: float(v) for k, v in record.items() if k.endswith("_seconds") and k != "load_seconds"}
 
     def info(self) -> dict[str, Any]:
         return super().info() | {
@@ -184,6 +185,7 @@ class PublishedVllm(VllmGenerator):
             "engine_folder": str(self.folder),
             "engine_folder_files": sorted(p.name for p in self.folder.iterdir()),
             "engine_load_seconds": self.load_seconds,
+            "engine_load_steps": self.load_steps,
             "engine_loader_pid": self.report.pid,
         }
 

@@ -39,26 +39,32 @@ class ZeroCopyLoader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         args = LoaderArgs.model_validate(self.load_config.model_loader_extra_config)
         started = time.perf_counter()
+        steps: dict[str, float] = {}  # each step's seconds, for the replica's /-/info and the benchmark
         connected = not ray.is_initialized()
         if connected:
             ray.init(address=args.address, namespace=args.namespace, log_to_driver=False, logging_level=logging.ERROR)
+        steps["connect_seconds"] = time.perf_counter() - started
         try:
             tensors, report = attach_tensors(args.weights, write_guard=args.write_guard, namespace=args.namespace)
             _name_tied(tensors, model_config)
             expected = {name for name, _ in model.named_parameters()}
             vllm_model: Any = model  # vLLM's models all have load_weights; nn.Module's type does not say so
+            mark = time.perf_counter()
             loaded = vllm_model.load_weights(iter(tensors.items()))
+            steps["load_weights_seconds"] = time.perf_counter() - mark
             del tensors  # vLLM copied them into its own parameters; the views go before Ray does
         finally:
+            mark = time.perf_counter()
             if connected:
                 ray.shutdown()
+            steps["disconnect_seconds"] = time.perf_counter() - mark
         missing = sorted(expected - set(loaded)) if loaded is not None else []
         if missing:
             raise CheckpointError(
                 f"The published weights {args.weights!r} do not fill {len(missing)} of the engine's parameters "
                 f"({', '.join(missing[:5])}...): the checkpoint does not match config.json beside it."
             )
-        record = dataclasses.asdict(report) | {"load_seconds": time.perf_counter() - started}
+        record = dataclasses.asdict(report) | steps | {"load_seconds": time.perf_counter() - started}
         Path(args.report).write_text(json.dumps(record))
 
 
