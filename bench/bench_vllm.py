@@ -271,7 +271,8 @@ def write_report(meta: dict[str, Any], rows: list[dict[str, Any]], agreement: di
                 f"| {n} | {ours['start_to_first_token_s'] / disk['start_to_first_token_s']:.2f}x | "
                 f"{ours['pss_mib'] / disk['pss_mib']:.2f}x | {ours['tokens_per_s'] / disk['tokens_per_s']:.2f}x |"
             )
-    steps = [(r["replicas"], r["engine_load_steps"]) for r in rows if r["kind"] == "zerocopy" and r["engine_load_steps"]]
+    ours_rows = [r for r in rows if r["kind"] == "zerocopy" and r["engine_load_steps"]]
+    steps = [(r["replicas"], r["engine_load_steps"]) for r in ours_rows]
     if steps:
         lines += ["", "Ours, the engine's load from the published copy in its first replica (seconds): "
                   + "; ".join(f"{n} replica(s): " + ", ".join(f"{k.removesuffix('_seconds')} {v:.2f}"
