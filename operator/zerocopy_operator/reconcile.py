@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from zerocopy_runtime.contract import ReplicaInfo
 
 from .api import ZeroCopyModelSpec
 from .kube import Kube
 from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix, service_name
 from .status import OPERATOR_ERROR, invalid_status, observed_status, weights_from_info
 from .validation import InvalidSpec, validate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,18 +169,21 @@ def observe(
     return status
 
 
-def read_info(settings: Settings, resource: dict[str, Any], spec: ZeroCopyModelSpec, url: str) -> dict[str, Any] | None:
-    """The replicas' /-/info, or None while it cannot be reached (the status keeps what it had)."""
+def read_info(settings: Settings, resource: dict[str, Any], spec: ZeroCopyModelSpec, url: str) -> ReplicaInfo | None:
+    """The replicas' /-/info, or None while it cannot be reached or read as the runtime's contract (a replica
+    of another version): the status keeps what it had."""
     meta = resource["metadata"]
     target = settings.info_url.format(
         endpoint=url, name=meta["name"], namespace=meta["namespace"], route=route_prefix(resource, spec)
     )
     try:
         with urllib.request.urlopen(target, timeout=settings.info_timeout_s) as response:
-            info: dict[str, Any] = json.loads(response.read())
+            return ReplicaInfo.model_validate_json(response.read())
+    except ValidationError as exc:
+        logger.warning("%s answered /-/info outside the runtime's contract: %s", target, exc)
+        return None
     except (OSError, ValueError):
         return None
-    return info
 
 
 def owner_name(rayservice: dict[str, Any]) -> str | None:

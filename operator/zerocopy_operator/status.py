@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from zerocopy_runtime.contract import ReplicaInfo
+
 from . import quantity
 from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
 from .manifests import DEPLOYMENT, service_name
@@ -182,15 +184,15 @@ def stamp(
     return stamped
 
 
-def weights_from_info(info: dict[str, Any]) -> dict[str, Any]:
+def weights_from_info(info: ReplicaInfo) -> dict[str, Any]:
     """The runtime's /-/info answer, reduced to the status's weights fields."""
     return {
-        "name": info.get("weights"),
-        "revision": info.get("revision"),
-        "bytes": info.get("bytes_shared"),
-        "tensors": info.get("tensor_count"),
-        "shared": info.get("shared"),
-        "attachSeconds": info.get("attach_seconds"),
+        "name": info.weights,
+        "revision": info.revision,
+        "bytes": info.bytes_shared,
+        "tensors": info.tensor_count,
+        "shared": info.shared,
+        "attachSeconds": info.attach_seconds,
     }
 
 

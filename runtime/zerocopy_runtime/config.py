@@ -177,12 +177,16 @@ REPLICA_RULES = (
 )
 
 
+#: What a replica serves: JSON tensors, or one of the text tasks on the OpenAI-compatible routes.
+Task = Literal["tensor", "text-generation", "text2text-generation", "embeddings"]
+
+
 class ReplicaSettings(ApiModel):
     """What each replica does with a request: the task, handler, batching, device and write guard."""
 
     model_config = cel(*REPLICA_RULES)
 
-    task: Literal["tensor", "text-generation", "text2text-generation", "embeddings"] = Field(
+    task: Task = Field(
         default="tensor",
         description="tensor: JSON tensors in and out; text-generation (a causal LM), text2text-generation (an "
         "encoder-decoder such as T5 or BART) and embeddings (an encoder): text through the OpenAI-compatible routes "

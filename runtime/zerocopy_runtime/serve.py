@@ -39,6 +39,7 @@ from ._source import (
     write_side_files,
 )
 from .config import AppArgs
+from .contract import ReplicaInfo, weights_model, weights_name, weights_revision
 from .handlers import BadRequest, fingerprint, load_handler
 from .openai_protocol import ApiError
 from .text import TextEngine
@@ -57,11 +58,6 @@ def build_app(args: dict[str, Any]) -> Application:
     return ZeroCopyDeployment.bind(AppArgs.model_validate(args).model_dump())  # type: ignore[attr-defined]
 
 
-def weights_name(args: AppArgs, digest: str) -> str:
-    """One published copy per model and revision."""
-    return f"{args.name}-{digest[:16]}"
-
-
 def find_or_publish(
     args: AppArgs, progress: Progress | None = None, timeout_s: float = PUBLISH_WAIT_S, verified: bool = False
 ) -> PublishedModel:
@@ -75,7 +71,7 @@ def find_or_publish(
     it is published with its side files (`model_files`), so a replica on another node reads nothing from the
     source, and pulls the bytes from the publishing node's store into its own.
     """
-    name = weights_name(args, revision(args.model))
+    name = weights_name(args.name, revision(args.model))  # one published copy per model and revision
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -134,7 +130,7 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
     except (ValueError, ray.exceptions.RayError):
         return released
     for name in published_names():
-        if name == keep or name.rpartition("-")[0] != model:
+        if name == keep or weights_model(name) != model:
             continue
         try:
             since, in_use, _ = _usage(name)
@@ -184,7 +180,7 @@ def release_model(model: str) -> list[str]:
     """Release every published revision of `model`; another replica may have released some first."""
     released: list[str] = []
     for name in published_names():
-        if name.rpartition("-")[0] == model:
+        if weights_model(name) == model:
             try:
                 release(name)
                 released.append(name)
@@ -262,7 +258,7 @@ class ZeroCopyDeployment:
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
         if path.endswith("/-/info"):
-            return JSONResponse(self.info())
+            return JSONResponse(self.info().model_dump())
         if self.text is not None:
             return await self._openai(request, path)
         try:
@@ -331,11 +327,12 @@ class ZeroCopyDeployment:
         with torch.inference_mode():
             return self.handler(self.model, bodies)
 
-    def info(self) -> dict[str, Any]:
-        return {
+    def info(self) -> ReplicaInfo:
+        """The answer at `/-/info`; a text task's engine adds its own fields (its batches count as largest)."""
+        fields: dict[str, Any] = {
             "name": self.args.name,
             "weights": self.published.name,
-            "revision": self.published.name.rsplit("-", 1)[-1],
+            "revision": weights_revision(self.published.name),
             "bytes_shared": self.report.bytes_shared,
             "tensor_count": self.report.tensor_count,
             "attach_seconds": self.report.attach_seconds,
@@ -349,8 +346,8 @@ class ZeroCopyDeployment:
             "largest_batch": self.largest_batch,
             "reattached": self.reattached,
             "startup_seconds": self.startup_seconds,
-            **(self.text.info() if self.text is not None else {"task": "tensor"}),
         }
+        return ReplicaInfo(**fields | (self.text.info() if self.text is not None else {"task": "tensor"}))
 
     def __del__(self) -> None:
         """Serve's shutdown hook: vLLM's engine processes go with the replica, the weights with the application.

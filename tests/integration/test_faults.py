@@ -422,14 +422,15 @@ def test_replica_waiting_for_a_stalled_publish_gives_up_at_its_deadline(ray_sess
     """
     from zerocopy_runtime._owner import start_owner
     from zerocopy_runtime._source import revision
-    from zerocopy_runtime.serve import find_or_publish, weights_name
+    from zerocopy_runtime.contract import weights_name
+    from zerocopy_runtime.serve import find_or_publish
 
     shards = tmp_path / "shards"
     shards.mkdir()
     fifo = shards / "model.safetensors"
     os.mkfifo(fifo)
     args = AppArgs.model_validate(app_args(shards))
-    name = weights_name(args, revision(args.model))
+    name = weights_name(args.name, revision(args.model))
     owner = start_owner(name, NAMESPACE)  # the winner: its owner hangs opening the checkpoint
     owner.publish_checkpoint.remote(str(shards), 2**20)
     outcome: list[BaseException | object] = []

@@ -35,11 +35,12 @@ from tests.chart import render
 from tests.kube import kuberay
 from tests.kube.clusters import Cluster, private_cluster
 from tests.kube.envtest import dying_with_this_process
+from tests.replica_info import replica_info
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
 ROOT = Path(__file__).resolve().parents[2]
-INFO = {"weights": "m-0123", "revision": "0123", "bytes_shared": 3 * 2**20, "tensor_count": 8, "shared": True}
+INFO = replica_info()
 #: How the API server words an RBAC refusal (a 403 for a namespace being terminated reads differently).
 RBAC_REFUSAL = re.compile(r'forbidden: User \\?"[^"\\]+\\?" cannot [a-z]+ resource')
 #: The kinds of the chart's objects that make the operator's identity and its permissions.
@@ -77,7 +78,7 @@ class _Info(BaseHTTPRequestHandler):
     """Plays the replicas' GET <route>/-/info."""
 
     def do_GET(self) -> None:
-        body = json.dumps({**INFO, "route": self.path}).encode()
+        body = INFO.model_dump_json().encode()
         self.send_response(200 if self.path.endswith("/-/info") else 404)
         self.send_header("content-type", "application/json")
         self.end_headers()
@@ -274,7 +275,7 @@ def test_a_model_becomes_an_owned_rayservice_then_ready_with_endpoint_and_weight
     status = (_get(cluster, namespace, "zcm", "alpha") or {})["status"]
     assert status["phase"] == "Ready"
     assert status["endpoint"] == f"http://alpha-serve-svc.{namespace}.svc:8000/alpha"
-    assert status["weights"]["bytes"] == INFO["bytes_shared"]
+    assert status["weights"]["bytes"] == INFO.bytes_shared
     assert _condition({"status": status}, "WeightsPublished")["status"] == "True"
     assert status["replicas"] == "2/2"
 
@@ -481,7 +482,7 @@ def test_models_on_a_shared_cluster_are_applications_of_its_one_rayservice(
     chat = (_get(cluster, namespace, "zcm", "chat-a") or {})["status"]
     assert (chat["rayService"], chat["cluster"]) == ("pool", "pool")
     assert chat["endpoint"] == f"http://pool-serve-svc.{namespace}.svc:8000/chat-a"
-    assert chat["weights"]["bytes"] == INFO["bytes_shared"]
+    assert chat["weights"]["bytes"] == INFO.bytes_shared
     assert _condition(_get(cluster, namespace, "zcm", "embed-b"))["status"] == "False"  # its own app deploys
     status = eventually(
         lambda: (

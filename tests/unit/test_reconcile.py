@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from tests.replica_info import replica_info
 from tests.unit.fake_kube import NAMESPACE, FakeKube, closed_port, kuberay_status, merge_patch, model
 from zerocopy_operator import reconcile as rc
 from zerocopy_operator.kube import Kube
@@ -26,7 +27,7 @@ from zerocopy_operator.validation import InvalidSpec
 
 pytestmark = pytest.mark.unit
 
-INFO = {"weights": "m-0123", "revision": "0123", "bytes_shared": 3 * 2**20, "tensor_count": 8, "shared": True}
+INFO = replica_info()
 
 
 UNREACHABLE = rc.Settings(default_image="runtime:test", info_url=f"http://127.0.0.1:{closed_port()}{{route}}/-/info")
@@ -39,7 +40,10 @@ class _Info(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         type(self).paths.append(self.path)
-        body = json.dumps(INFO).encode() if urlsplit(self.path).path.endswith("/-/info") else b"not json"
+        path = urlsplit(self.path).path
+        body = INFO.model_dump_json().encode() if path.endswith("/-/info") else b"not json"
+        if path.endswith("/-/old"):  # a replica of another version: JSON, but not the contract
+            body = json.dumps({"weights": "m-0123", "bytes": 1}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.end_headers()
@@ -344,7 +348,8 @@ def test_observe_mirrors_kuberay_and_reads_the_weights_from_info(
     assert status["endpoint"] == f"http://alpha-serve-svc.{NAMESPACE}.svc:8000/alpha"
     assert _condition(status, "Ready")["message"] == f"serving at {status['endpoint']}"
     assert status["weights"] == {
-        "name": "m-0123", "revision": "0123", "bytes": 3 * 2**20, "tensors": 8, "shared": True, "attachSeconds": None,
+        "name": "m-0123", "revision": "0123", "bytes": 3 * 2**20, "tensors": 8, "shared": True,
+        "attachSeconds": INFO.attach_seconds,
     }  # fmt: skip
     assert _condition(status, "WeightsPublished")["status"] == "True"
     assert (status["replicas"], status["readyReplicas"]) == ("2/2", 2)
@@ -392,6 +397,16 @@ def test_read_info_is_none_for_an_answer_that_is_not_json(kube: FakeKube, info: 
     assert rc.read_info(wrong, resource, parse_spec(resource), "http://unused") is None
     assert rc.read_info(settings, resource, parse_spec(resource), "http://unused") == INFO
     assert len(asked) == 2
+
+
+def test_read_info_is_none_for_json_outside_the_runtimes_contract(
+    kube: FakeKube, info: tuple[rc.Settings, list[str]]
+) -> None:
+    settings, asked = info
+    resource = model("alpha")
+    old = rc.Settings(default_image="x", info_url=settings.info_url.replace("/-/info", "/-/old"))
+    assert rc.read_info(old, resource, parse_spec(resource), "http://unused") is None
+    assert len(asked) == 1
 
 
 def test_observe_uses_the_rayservice_it_is_given_without_reading_it(kube: FakeKube) -> None:

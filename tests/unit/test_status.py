@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.replica_info import replica_info
 from zerocopy_operator.manifests import parse_spec
 from zerocopy_operator.status import observed_status, weights_from_info
 
@@ -57,7 +58,7 @@ def test_no_rayservice_yet_is_pending() -> None:
 
 def test_serving_rayservice_makes_the_model_ready_with_its_endpoint_and_weights() -> None:
     resource = _resource()
-    info = {"weights": "tiny-mlp-ab", "revision": "ab", "bytes_shared": 2**20, "tensor_count": 8, "shared": True}
+    info = replica_info(weights="tiny-mlp-ab", revision="ab", bytes_shared=2**20, tensor_count=8, shared=True)
     status = observed_status(
         resource, parse_spec(resource), _rayservice(True, "RUNNING"), weights_from_info(info), URL, "t1"
     )
