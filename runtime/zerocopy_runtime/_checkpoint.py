@@ -13,6 +13,7 @@ import json
 import math
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,22 @@ class SafetensorsEntry:
     end: int
 
 
+#: Weight files by format, in the order one is preferred when a folder holds more than one.
+WEIGHT_FORMATS = ((".safetensors",), (".pt", ".pth", ".bin"))
+
+
+def weight_files(names: Iterable[str]) -> list[str]:
+    """A folder's weights, from the names of its files: its safetensors shards, else its torch state dicts
+    (hub repositories often carry both, and other formats beside; safetensors win). The one rule, for local
+    folders and remote ones alike."""
+    ordered = sorted(names)
+    for suffixes in WEIGHT_FORMATS:
+        chosen = [name for name in ordered if name.endswith(suffixes)]
+        if chosen:
+            return chosen
+    return []
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The files of a checkpoint: one file, or every shard in a directory."""
     root = Path(path)
@@ -54,7 +71,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         raise CheckpointError(f"Checkpoint {str(root)!r} does not exist; check the path (and that it is on this node).")
     if root.is_file():
         return [root]  # safetensors, a torch state dict, or a GGUF file
-    files = sorted(root.glob("*.safetensors")) or sorted([*root.glob("*.pt"), *root.glob("*.pth"), *root.glob("*.bin")])
+    files = [root / name for name in weight_files(p.name for p in root.iterdir() if p.is_file())]
     if not files:
         raise CheckpointError(f"Directory {str(root)!r} holds no *.safetensors, *.pt, *.pth or *.bin checkpoint files.")
     return files

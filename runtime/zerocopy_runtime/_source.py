@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._checkpoint import weight_files
 from ._errors import CheckpointError
 
 if TYPE_CHECKING:  # the owner imports this module for `side_files`: it stays free of pydantic and GGUF code
@@ -170,7 +171,7 @@ def _list_remote(uri: str) -> _Listing:
             return _Listing(fs, root, False, {Path(root.rstrip("/")).name: fs.info(root)})
         top = root.rstrip("/")
         infos = {path[len(top) + 1 :].strip("/"): info for path, info in _two_levels(fs, top).items()}
-        files = checkpoint_files(list(infos))
+        files = files_to_download(list(infos))
         if not files:
             raise CheckpointError(f"{uri!r} holds no .safetensors, .pt, .pth or .bin weights at its top level.")
         # An HTTP server's directory listing has no sizes: ask each file (a HEAD, no body).
@@ -259,7 +260,7 @@ def write_side_files(name: str, files: dict[str, bytes]) -> Path:
 _SIDE_FILES = (".json", ".txt", ".model", ".jinja")
 
 
-def checkpoint_files(paths: list[str]) -> list[str]:
+def files_to_download(paths: list[str]) -> list[str]:
     """The files of a model folder worth downloading: one weights format, and the config, tokenizer and
     pooling files beside it (paths relative to the folder; one level of subfolders, such as 1_Pooling/).
 
@@ -267,9 +268,7 @@ def checkpoint_files(paths: list[str]) -> list[str]:
     fetching all of them costs gigabytes that nothing reads. Safetensors win
     over torch pickles when both are present.
     """
-    top = [p for p in paths if "/" not in p]
-    safetensors = [p for p in top if p.endswith(".safetensors")]
-    weights = safetensors or [p for p in top if p.endswith((".pt", ".pth", ".bin"))]
+    weights = weight_files(p for p in paths if "/" not in p)
     side = [p for p in paths if _is_side(p)]
     return sorted(weights + side) if weights else []
 

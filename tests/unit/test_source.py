@@ -9,7 +9,7 @@ import fsspec
 import pytest
 
 from zerocopy_runtime._errors import CheckpointError
-from zerocopy_runtime._source import checkpoint_files, local_path
+from zerocopy_runtime._source import files_to_download, local_path
 from zerocopy_runtime.config import ModelSource
 
 pytestmark = pytest.mark.unit
@@ -74,7 +74,7 @@ def test_a_missing_remote_object_names_the_uri(repo: str) -> None:
     ],
 )
 def test_checkpoint_files_prefers_safetensors(names: list[str], expected: list[str]) -> None:
-    assert checkpoint_files(names) == expected
+    assert files_to_download(names) == expected
 
 
 def test_relative_local_paths_are_taken_against_the_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
