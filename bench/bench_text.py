@@ -64,8 +64,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.requests import Request
 
-from zerocopy_runtime import pss_bytes
-from zerocopy_runtime._owner import published_names
+from zerocopy_runtime import pss_bytes, published_names
 from zerocopy_runtime.config import AppArgs
 from zerocopy_runtime.local import replica_pids
 from zerocopy_runtime.memory import pss_by_kind

@@ -231,7 +231,7 @@ def run(kind: str, replicas: int, port: int, seconds: float) -> dict[str, Any]:
 def release_all(model: str) -> None:
     """Every published revision of `model`, released: the next deploy publishes from nothing again."""
     import zerocopy_runtime as zc
-    from zerocopy_runtime._owner import published_names
+    from zerocopy_runtime import published_names
 
     for name in published_names():
         if name.startswith(f"{model}-"):

@@ -114,7 +114,7 @@ def delete_model(app: str) -> None:
 def release_model(model: str) -> None:
     """Release every published revision of `model` (named `<model>-<revision>` by the runtime)."""
     import zerocopy_runtime as zc
-    from zerocopy_runtime._owner import published_names
+    from zerocopy_runtime import published_names
 
     for name in published_names():
         if name.startswith(f"{model}-"):

@@ -17,7 +17,12 @@ if TYPE_CHECKING:
         WeightsNotFoundError,
         ZeroCopyError,
     )
+    from ._owner import published_names
+    from .config import AppArgs
+    from .contract import ReplicaInfo
+    from .handlers import BadRequest, Handler
     from .memory import pss_bytes, total_pss
+    from .serve import build_app, release_model
     from .weights import AttachReport, PublishedModel, attach, attach_report, lookup, publish, release
     from .wrapper import ModelWrapper, TaskModel
 
@@ -29,28 +34,40 @@ _HOMES = {
         "WeightsNotFoundError",
         "ZeroCopyError",
     ],
+    "._owner": ["published_names"],
+    ".config": ["AppArgs"],
+    ".contract": ["ReplicaInfo"],
+    ".handlers": ["BadRequest", "Handler"],
     ".memory": ["pss_bytes", "total_pss"],
+    ".serve": ["build_app", "release_model"],
     ".weights": ["AttachReport", "PublishedModel", "attach", "attach_report", "lookup", "publish", "release"],
     ".wrapper": ["ModelWrapper", "TaskModel"],
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
+    "AppArgs",
     "AttachReport",
+    "BadRequest",
     "CheckpointError",
+    "Handler",
     "ModelWrapper",
     "ObjectStoreFullError",
     "PublishedModel",
+    "ReplicaInfo",
     "TaskModel",
     "UnsupportedWeightsError",
     "WeightsNotFoundError",
     "ZeroCopyError",
     "attach",
     "attach_report",
+    "build_app",
     "lookup",
     "pss_bytes",
     "publish",
+    "published_names",
     "release",
+    "release_model",
     "total_pss",
 ]
 

@@ -147,7 +147,7 @@ def test_args_are_validated_before_deploying() -> None:
 
 
 def test_new_revision_publishes_once_and_releases_the_old_buffers(app: Any, tmp_path: Path) -> None:
-    from zerocopy_runtime._owner import published_names
+    from zerocopy_runtime import published_names
 
     url = app(replicas=2)
     old = _get(url + "/-/info")
@@ -223,7 +223,7 @@ def test_bad_deployment_names_the_problem(app: Any, overrides: dict, message: st
 def test_store_too_small_fails_the_deployment_with_sizes_and_publishes_nothing(app: Any, tmp_path: Path) -> None:
     from ray import serve
 
-    from zerocopy_runtime._owner import published_names
+    from zerocopy_runtime import published_names
 
     # A sparse 400 MiB checkpoint: the room check must refuse it before reading a byte.
     checkpoint = _sparse_safetensors(tmp_path / "big.safetensors", "weights.0", 100 * 2**20)

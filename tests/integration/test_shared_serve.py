@@ -121,7 +121,7 @@ def test_one_model_changes_or_goes_and_the_other_keeps_its_replicas_and_weights(
 ) -> None:
     from ray import serve
 
-    from zerocopy_runtime._owner import published_names
+    from zerocopy_runtime import published_names
 
     a, b = NAMES
     urls = {name: f"http://127.0.0.1:{serve_port}/{name}" for name in NAMES}
@@ -169,7 +169,8 @@ def test_a_model_deleted_at_zero_replicas_has_its_copy_released_by_the_other_mod
     import ray
 
     import zerocopy_runtime as zc
-    from zerocopy_runtime._owner import actor_name, published_names
+    from zerocopy_runtime import published_names
+    from zerocopy_runtime._owner import actor_name
     from zerocopy_runtime.config import AppArgs
     from zerocopy_runtime.serve import find_or_publish
 

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import delete_model
 from tests.text_models import VLLM_LLAMA, causal_lm_folder
-from zerocopy_runtime._owner import published_names
+from zerocopy_runtime import published_names
 from zerocopy_runtime.config import AppArgs
 from zerocopy_runtime.serve import ZeroCopyDeployment
 

@@ -401,7 +401,7 @@ def recovery_phase(
     cluster: Any, node_a: Any, base: str, before: list[dict], x: torch.Tensor, expected: torch.Tensor, node_b: str
 ) -> dict[str, Any]:
     """Remove node a (owner of the shared copy) while requests keep coming to the replicas on node b."""
-    from zerocopy_runtime._owner import published_names
+    from zerocopy_runtime import published_names
 
     url = f"{base}/b"
     old_owner = before[0]["owner_pid"]
