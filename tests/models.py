@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -106,3 +109,15 @@ def argmax_handler(model: nn.Module, bodies: list[dict]) -> list[dict]:
     """A user handler: pre-process the JSON bodies, post-process outputs into labels."""
     batch = torch.tensor([body["features"] for body in bodies], dtype=torch.float32)
     return [{"label": int(i)} for i in model(batch).argmax(dim=-1)]
+
+
+def gated_handler(model: nn.Module, bodies: list[dict]) -> list[dict]:
+    """A model call the test controls: it marks each body's `started` file, then waits for its `gate` file."""
+    for body in bodies:
+        Path(body["started"]).touch()
+        deadline = time.monotonic() + 30
+        while not Path(body["gate"]).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the test never opened {body['gate']}")
+            time.sleep(0.01)
+    return [{"done": True} for _ in bodies]

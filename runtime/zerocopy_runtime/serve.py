@@ -8,6 +8,7 @@ name and attaches in milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -312,6 +313,10 @@ class ZeroCopyDeployment:
     async def batched(self, bodies: list[Any]) -> list[Any]:
         """One handler call per batch; a bad request fails alone, not its whole batch."""
         self.largest_batch = max(self.largest_batch, len(bodies))
+        # Off the event loop: health checks, /-/info and the next batch's requests are taken meanwhile.
+        return await asyncio.to_thread(self._run_or_one_by_one, bodies)
+
+    def _run_or_one_by_one(self, bodies: list[Any]) -> list[Any]:
         try:
             return self._run(bodies)
         except BadRequest:

@@ -8,6 +8,7 @@ events when asked. It knows nothing of Serve: the deployment routes HTTP to it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -125,13 +126,17 @@ class TextEngine:
                 generated += count
         return api.completion_response(ident, self.name, choices, api.usage(sum(map(len, prompts)), generated))
 
-    def embeddings(self, body: Any) -> dict[str, Any]:
+    async def embeddings(self, body: Any) -> dict[str, Any]:
         request = api.parse(api.EmbeddingRequest, body)
         self._needs(("embeddings",), "/v1/embeddings")
-        assert self.model is not None
-        encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
         if request.dimensions is not None:
             raise api.ApiError(400, "dimensions is not supported: the model's embedding size is fixed", "dimensions")
+        # The forward pass runs off the event loop: health checks and other requests are answered meanwhile.
+        return await asyncio.to_thread(self._embed, request)
+
+    def _embed(self, request: api.EmbeddingRequest) -> dict[str, Any]:
+        assert self.model is not None
+        encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             hidden = self.model(**{k: v.to(device) for k, v in encoded.items()}).last_hidden_state

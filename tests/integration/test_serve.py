@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -205,6 +206,23 @@ def test_user_handler_by_import_path(app: Any) -> None:
     assert status == 200
     with torch.no_grad():
         assert body == {"label": int(app.model(x.unsqueeze(0)).argmax())}
+
+
+def test_a_model_call_runs_off_the_event_loop(app: Any, tmp_path: Path) -> None:
+    """While a handler is busy, the replica still answers /-/info (and Serve's health checks): the model runs in
+    a worker thread, not on the replica's event loop."""
+    url = app(handler="tests.models:gated_handler")
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    answer: list[tuple[int, Any]] = []
+    call = threading.Thread(target=lambda: answer.append(_post(url, {"started": str(started), "gate": str(gate)})))
+    call.start()
+    assert _eventually(started.exists, timeout=30), "the handler never started"
+    info = _get(url + "/-/info")  # would wait for the handler if it ran on the event loop
+    assert info["name"] == "mlp"
+    assert call.is_alive()  # the handler is still waiting for the gate
+    gate.touch()
+    call.join(timeout=30)
+    assert answer == [(200, {"done": True})]
 
 
 @pytest.mark.parametrize(
