@@ -2,9 +2,10 @@
 the RayService of the ZeroCopyCluster it names.
 
 `api` holds the resources' types (the CRDs are generated from them),
-`manifests` the pure builders, `validation` the semantic checks, `placement`
-the checks across a cluster's models, `reconcile` and `clusters` the steps of
-one reconciliation, `handlers` the kopf registrations.
+`resources` what a resource says (spec, route, URL), `manifests` the pure
+builders, `validation` the semantic checks, `placement` the checks across a
+cluster's models, `reconcile` and `clusters` the steps of one reconciliation,
+`handlers` the kopf registrations.
 """
 
 from .api import ZeroCopyClusterSpec, ZeroCopyClusterStatus, ZeroCopyModelSpec, ZeroCopyModelStatus

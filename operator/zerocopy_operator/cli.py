@@ -113,7 +113,8 @@ def serve_files(
     The models share one Ray and one Serve, as on a ZeroCopyCluster (whose documents are skipped here: the
     local machine is the cluster); routes must differ, as on a cluster.
     """
-    from .manifests import build_serve_application, route_prefix
+    from .manifests import build_serve_application
+    from .resources import route_prefix
 
     documents = [(path, _namespaced(doc)) for path, doc in read_resources(paths)]
     check_names(documents)

@@ -17,9 +17,10 @@ import yaml
 from pydantic.alias_generators import to_camel
 
 from .kube import Kube
-from .manifests import build_cluster_rayservice, serve_url
+from .manifests import build_cluster_rayservice
 from .placement import ClusterPlan, Member, cluster_ref, members_of, plan_cluster
 from .reconcile import Settings, adopt, apply_desired, now, observe, owns
+from .resources import serve_url
 from .status import NOT_SERVING, application_status, cluster_status, invalid_status, waiting_status
 from .validation import InvalidSpec, validate_cluster
 

@@ -23,14 +23,13 @@ from .api import (
     Serving,
     UpgradeStrategy,
     WorkerGroup,
-    ZeroCopyClusterSpec,
     ZeroCopyModelSpec,
 )
+from .resources import SERVE_PORT, parse_cluster_spec, parse_spec, route_prefix
 
 #: The runtime's Serve application builder, as `serveConfigV2` imports it.
 IMPORT_PATH = "zerocopy_runtime.serve:build_app"
 DEPLOYMENT = "ZeroCopyDeployment"
-SERVE_PORT = 8000
 #: Ray's Prometheus endpoint on every node: the chart's PodMonitor scrapes the port by this name.
 METRICS_PORT = {"name": "metrics", "containerPort": 8080}
 METRICS_PARAMS = {"metrics-export-port": str(METRICS_PORT["containerPort"])}
@@ -39,36 +38,6 @@ CLUSTER_LABEL = "zerocopy.dev/cluster"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "zerocopy-operator"}
 #: /dev/shm holds the object store plus Ray's own scratch: this much more, at least.
 SHM_HEADROOM = 256 * 2**20
-
-
-def parse_spec(resource: dict[str, Any]) -> ZeroCopyModelSpec:
-    """The typed spec; a pydantic ValidationError names every bad field."""
-    return ZeroCopyModelSpec.model_validate(resource.get("spec") or {})
-
-
-def parse_cluster_spec(resource: dict[str, Any]) -> ZeroCopyClusterSpec:
-    """A ZeroCopyCluster's typed spec; a pydantic ValidationError names every bad field."""
-    return ZeroCopyClusterSpec.model_validate(resource.get("spec") or {})
-
-
-def route_prefix(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
-    return spec.serving.route_prefix or f"/{resource['metadata']['name']}"
-
-
-def service_name(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
-    """The RayService a model runs in: its own, or its ZeroCopyCluster's (each takes its owner's name)."""
-    return spec.cluster_ref.name if spec.cluster_ref is not None else str(resource["metadata"]["name"])
-
-
-def serve_url(namespace: str, rayservice: str) -> str:
-    """The Serve service KubeRay creates for a RayService, in the cluster's DNS."""
-    return f"http://{rayservice}-serve-svc.{namespace}.svc:{SERVE_PORT}"
-
-
-def endpoint(resource: dict[str, Any], spec: ZeroCopyModelSpec) -> str:
-    """The model's in-cluster URL: its route on the Serve service of the RayService it runs in."""
-    base = serve_url(resource["metadata"]["namespace"], service_name(resource, spec))
-    return base + route_prefix(resource, spec)
 
 
 def build_rayservice(resource: dict[str, Any], default_image: str) -> dict[str, Any]:
@@ -277,12 +246,3 @@ def build_upgrade_strategy(upgrade: UpgradeStrategy) -> dict[str, Any]:
     if upgrade.incremental is not None:
         strategy["clusterUpgradeOptions"] = upgrade.incremental.model_dump(by_alias=True)
     return strategy
-
-
-def largest_worker(cluster: Cluster) -> tuple[int, float, int]:
-    """The most GPUs, CPUs and object-store bytes any one worker pod has."""
-    return (
-        max(g.gpus for g in cluster.worker_groups),
-        max(float(quantity.parse(g.cpu)) for g in cluster.worker_groups),
-        max(quantity.to_bytes(g.object_store_memory) for g in cluster.worker_groups),
-    )

@@ -18,7 +18,8 @@ from typing import Any
 
 from . import quantity
 from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
-from .manifests import build_serve_application, route_prefix
+from .manifests import build_serve_application
+from .resources import route_prefix
 from .validation import InvalidSpec, model_bytes, validate
 
 

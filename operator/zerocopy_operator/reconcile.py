@@ -22,7 +22,8 @@ from zerocopy_runtime.contract import ReplicaInfo
 
 from .api import ZeroCopyModelSpec
 from .kube import Kube
-from .manifests import MODEL_LABEL, build_rayservice, endpoint, route_prefix, service_name
+from .manifests import MODEL_LABEL, build_rayservice
+from .resources import endpoint, route_prefix, service_name
 from .status import OPERATOR_ERROR, invalid_status, observed_status, weights_from_info
 from .validation import InvalidSpec, validate
 

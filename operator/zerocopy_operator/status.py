@@ -14,7 +14,8 @@ from zerocopy_runtime.contract import ReplicaInfo
 
 from . import quantity
 from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
-from .manifests import DEPLOYMENT, service_name
+from .manifests import DEPLOYMENT
+from .resources import service_name
 
 CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady")
 #: What a status says of a model that nothing serves (a merge patch's nulls delete what it showed before).

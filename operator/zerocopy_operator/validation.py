@@ -24,7 +24,7 @@ from .api import (
     ZeroCopyClusterSpec,
     ZeroCopyModelSpec,
 )
-from .manifests import largest_worker, parse_cluster_spec, parse_spec, route_prefix
+from .resources import largest_worker, parse_cluster_spec, parse_spec, route_prefix
 
 
 class InvalidSpec(ValueError):

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,7 @@ import ray
 import torch
 from ray import serve
 from ray.serve import Application
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-from ray.serve.generated.serve_pb2 import ApplicationStatus, StatusOverview  # type: ignore[attr-defined]  # built at import
+from ray.serve._private.constants import SERVE_NAMESPACE
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -144,12 +144,17 @@ def release_unused_revisions(model: str, keep: str) -> list[str]:
 
 
 def live_applications(timeout_s: float = CONTROLLER_TIMEOUT_S) -> set[str]:
-    """The Serve applications that exist and are not being deleted."""
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    data: list[Any] = ray.get(controller.list_serve_statuses.remote(), timeout=timeout_s)
-    overviews = [StatusOverview.FromString(item) for item in data]
-    gone = (ApplicationStatus.APPLICATION_STATUS_DELETING, ApplicationStatus.APPLICATION_STATUS_NOT_STARTED)
-    return {o.name for o in overviews if o.app_status.status not in gone}
+    """The Serve applications that exist and are not being deleted, from Serve's public status API.
+
+    Bounded: `serve.status()` takes no timeout, and a busy controller must not hold a health check or a
+    replica's shutdown (raises TimeoutError).
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zerocopy-serve-status")
+    try:
+        status = pool.submit(serve.status).result(timeout=timeout_s)
+    finally:
+        pool.shutdown(wait=False)
+    return {name for name, app in status.applications.items() if app.status != "DELETING"}
 
 
 def application_deleted(app: str, timeout_s: float = CONTROLLER_TIMEOUT_S) -> bool:
@@ -401,7 +406,7 @@ class ZeroCopyDeployment:
         release_unused_revisions(self.args.name, keep=self.published.name)
         try:
             released = release_orphaned()
-        except ray.exceptions.RayError:  # a busy or restarting controller: the next health check tries again
+        except (ray.exceptions.RayError, TimeoutError):  # a busy or restarting controller: the next check tries again
             logger.warning("could not list Serve's applications; orphaned weights are released later")
             return
         if released:

@@ -38,8 +38,9 @@ def models(serve_port: int, tmp_path: Path) -> Iterator[dict[str, MLP]]:
 
 def _application(name: str, folder: Path, **serving: Any) -> dict[str, Any]:
     """The Serve application the operator puts in its ZeroCopyCluster's serveConfigV2 for a model naming it."""
-    from zerocopy_operator.manifests import build_cluster_rayservice, parse_cluster_spec
+    from zerocopy_operator.manifests import build_cluster_rayservice
     from zerocopy_operator.placement import plan_cluster
+    from zerocopy_operator.resources import parse_cluster_spec
 
     resource = {
         "apiVersion": "zerocopy.dev/v1alpha1",

@@ -67,12 +67,9 @@ if reason := kuberay.missing():
 from ray.serve._private.config import DeploymentConfig, ReplicaConfig  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from zerocopy_operator.manifests import (  # noqa: E402
-    build_cluster_rayservice,
-    build_rayservice,
-    parse_cluster_spec,
-)
+from zerocopy_operator.manifests import build_cluster_rayservice, build_rayservice  # noqa: E402
 from zerocopy_operator.placement import plan_cluster  # noqa: E402
+from zerocopy_operator.resources import parse_cluster_spec  # noqa: E402
 from zerocopy_operator.validation import InvalidSpec, validate, validate_cluster  # noqa: E402
 from zerocopy_runtime.config import AppArgs  # noqa: E402
 

@@ -13,8 +13,9 @@ import yaml
 from tests.kube import kuberay
 from tests.kube.clusters import Cluster, Refused
 from zerocopy_operator.clusters import current_applications, model_entry, store_use
-from zerocopy_operator.manifests import build_cluster_rayservice, endpoint, parse_cluster_spec, parse_spec
+from zerocopy_operator.manifests import build_cluster_rayservice
 from zerocopy_operator.placement import plan_cluster
+from zerocopy_operator.resources import endpoint, parse_cluster_spec, parse_spec
 from zerocopy_operator.status import cluster_status, observed_status
 from zerocopy_operator.validation import InvalidSpec, validate, validate_cluster
 

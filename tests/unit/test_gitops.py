@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from zerocopy_operator.clusters import CLUSTER_INVALID, CLUSTER_NOT_FOUND
-from zerocopy_operator.manifests import parse_cluster_spec, parse_spec, serve_url
+from zerocopy_operator.resources import parse_cluster_spec, parse_spec, serve_url
 from zerocopy_operator.status import OPERATOR_ERROR, cluster_status, invalid_status, observed_status, waiting_status
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,8 @@ import yaml
 
 from tests.kube import kuberay
 from zerocopy_operator import quantity
-from zerocopy_operator.manifests import build_app_args, build_rayservice, endpoint, parse_spec
+from zerocopy_operator.manifests import build_app_args, build_rayservice
+from zerocopy_operator.resources import endpoint, parse_spec
 from zerocopy_operator.validation import InvalidSpec, validate
 
 pytestmark = pytest.mark.unit

@@ -22,7 +22,8 @@ from tests.replica_info import replica_info
 from tests.unit.fake_kube import NAMESPACE, FakeKube, closed_port, kuberay_status, merge_patch, model
 from zerocopy_operator import reconcile as rc
 from zerocopy_operator.kube import Kube
-from zerocopy_operator.manifests import MODEL_LABEL, build_rayservice, parse_spec
+from zerocopy_operator.manifests import MODEL_LABEL, build_rayservice
+from zerocopy_operator.resources import parse_spec
 from zerocopy_operator.validation import InvalidSpec
 
 pytestmark = pytest.mark.unit

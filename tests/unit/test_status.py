@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.replica_info import replica_info
-from zerocopy_operator.manifests import parse_spec
+from zerocopy_operator.resources import parse_spec
 from zerocopy_operator.status import observed_status, weights_from_info
 
 pytestmark = pytest.mark.unit
