@@ -163,6 +163,30 @@ def model_bytes(spec: ZeroCopyModelSpec, known_bytes: int | None) -> int | None:
     return quantity.to_bytes(spec.model.size) if spec.model.size is not None else known_bytes
 
 
+#: Each model's route by (uid, generation): a generation names one spec, so its route is parsed once, not in
+#: every other model's reconcile (that made the operator's work grow with the square of the models).
+_ROUTES: dict[tuple[str, int], str | None] = {}
+_ROUTES_KEPT = 20_000
+
+
+def _route_of(resource: dict[str, Any]) -> str | None:
+    """The route prefix a valid model serves at; None for an invalid spec."""
+    meta = resource.get("metadata") or {}
+    uid, generation = meta.get("uid"), meta.get("generation")
+    key = (str(uid), int(generation)) if uid is not None and generation is not None else None
+    if key is not None and key in _ROUTES:
+        return _ROUTES[key]
+    try:
+        route: str | None = route_prefix(resource, parse_spec(resource))
+    except ValidationError:
+        route = None
+    if key is not None:
+        if len(_ROUTES) >= _ROUTES_KEPT:
+            _ROUTES.clear()
+        _ROUTES[key] = route
+    return route
+
+
 def route_problems(resource: dict[str, Any], spec: ZeroCopyModelSpec, others: Sequence[dict[str, Any]]) -> list[str]:
     """Route prefixes are unique in a namespace (so on every shared cluster): the older model keeps its route."""
     problems = []
@@ -170,9 +194,8 @@ def route_problems(resource: dict[str, Any], spec: ZeroCopyModelSpec, others: Se
     for other in others:
         if _age_key(other) >= _age_key(resource):
             continue  # the older resource keeps its route; only the newcomer is refused
-        try:
-            theirs = route_prefix(other, parse_spec(other))
-        except ValidationError:
+        theirs = _route_of(other)
+        if theirs is None:
             continue  # the other resource has its own condition to say what is wrong with it
         if theirs == mine:
             problems.append(

@@ -48,6 +48,9 @@ WRITES = frozenset(
     }
 )
 
+#: uids are unique across every FakeKube of a test run, as a real API server's are across time.
+_UIDS = itertools.count(1)
+
 
 class Call(NamedTuple):
     method: str
@@ -84,7 +87,6 @@ class FakeKube(Kube):
         #: By method, what each of its next calls does: raise the error, or (None) answer as usual.
         self._failures: dict[str, list[BaseException | None]] = {}
         self._versions = itertools.count(1)
-        self._uids = itertools.count(1)
 
     # Test controls: seeding what the API holds, injecting failures, reading what was called.
 
@@ -223,7 +225,7 @@ class FakeKube(Kube):
         stored = copy.deepcopy(resource)
         meta = stored["metadata"]
         meta.setdefault("namespace", NAMESPACE)
-        meta.setdefault("uid", f"uid-{next(self._uids)}")
+        meta.setdefault("uid", f"uid-{next(_UIDS)}")  # unique in the process, as uids are in a cluster
         meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         meta.setdefault("generation", 1)
         meta["resourceVersion"] = self._version()

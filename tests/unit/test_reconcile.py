@@ -161,6 +161,20 @@ def test_check_refuses_a_route_an_older_model_of_the_namespace_has(kube: FakeKub
     assert kube.called("list_models") == [(NAMESPACE,), (NAMESPACE,)]
 
 
+def test_an_older_models_new_route_counts_from_its_new_generation(kube: FakeKube) -> None:
+    """Routes are read once per generation of a spec (not in every reconcile of every other model): an edit
+    that moves the older model away frees its route at once."""
+    older = kube.add_model(model("older", created="2026-01-01T00:00:00Z", routePrefix="/shared"))
+    newer = kube.add_model(model("newer", created="2026-01-02T00:00:00Z", routePrefix="/shared"))
+    with pytest.raises(InvalidSpec, match="route prefix /shared is already used by ZeroCopyModel older"):
+        rc.check(kube, newer)
+    moved = copy.deepcopy(older)
+    moved["spec"]["serving"]["routePrefix"] = "/elsewhere"
+    moved["metadata"]["generation"] += 1  # what the API server does on a spec change
+    kube.models[(NAMESPACE, "older")] = moved
+    assert rc.check(kube, newer).serving.route_prefix == "/shared"
+
+
 def test_check_counts_the_weights_the_replicas_reported_when_the_spec_gives_no_size(kube: FakeKube) -> None:
     resource = model("alpha")
     del resource["spec"]["model"]["size"]
