@@ -98,7 +98,10 @@ class Model(ModelSource):
     """The weights as replicas see them (`ModelSource`), plus what only the cluster needs."""
 
     size: Quantity | None = Field(
-        default=None, description="Expected size of the weights (for example 5Gi), checked against object stores."
+        default=None,
+        description="Expected size of the weights as published, in model.dtype (a bfloat16 checkpoint served in "
+        "float32 takes twice its file size; a GGUF file, its dequantized size), for example 5Gi: checked against "
+        "object stores before deploying; the larger of this and the size the replicas report counts.",
     )
     credentials_secret: SecretReference | None = Field(
         default=None, description="Secret with the storage credentials, as environment variables; never inline."

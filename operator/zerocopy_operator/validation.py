@@ -159,8 +159,11 @@ def fit_problems(spec: ZeroCopyModelSpec, cluster: Cluster, known_bytes: int | N
 
 
 def model_bytes(spec: ZeroCopyModelSpec, known_bytes: int | None) -> int | None:
-    """The weights' size: as the spec states it, else as the replicas last reported it, else unknown."""
-    return quantity.to_bytes(spec.model.size) if spec.model.size is not None else known_bytes
+    """The weights' size: the larger of what the spec states and what the replicas last reported (a cast or a
+    dequantized file publishes more than the file it comes from), else unknown."""
+    sizes = [quantity.to_bytes(spec.model.size) if spec.model.size is not None else None, known_bytes]
+    known = [size for size in sizes if size is not None]
+    return max(known) if known else None
 
 
 #: Each model's route by (uid, generation): a generation names one spec, so its route is parsed once, not in

@@ -147,6 +147,10 @@ def test_object_store_smaller_than_the_model_is_refused_with_both_sizes() -> Non
     resource["spec"]["model"].pop("size")
     with pytest.raises(InvalidSpec, match="take 2Gi"):
         validate(resource, known_bytes=2 * 2**30)  # the size the runtime reported last time
+    resource["spec"]["model"]["size"] = "100Mi"  # the file's size, while the replicas published a float32 cast
+    with pytest.raises(InvalidSpec, match="take 2Gi"):
+        validate(resource, known_bytes=2 * 2**30)
+    assert validate(resource, known_bytes=50 * 2**20) is not None  # 100Mi, the larger, fits
 
 
 def test_route_prefix_collision_refuses_the_newer_model_only() -> None:
