@@ -28,65 +28,27 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from zerocopy_runtime.memory import pss_by_kind
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.two_nodes import http_source  # noqa: E402  # the two-node test's byte-counting server
+from zerocopy_runtime.memory import pss_by_kind  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 FOLDER = ROOT / "examples" / ".cache" / "smollm2-135m-instruct"
 MiB = 2**20
 PROMPT = "What is the capital of France?"
 NAME = "smollm2-remote"
-
-
-class _Capped(SimpleHTTPRequestHandler):
-    """Serves a folder through one token bucket for all connections; counts the body bytes sent per file."""
-
-    rate: float
-    lock: threading.Lock
-    state: dict[str, float]
-    sent: dict[str, int]
-
-    def copyfile(self, source: Any, outputfile: Any) -> None:
-        path = urllib.parse.unquote(self.path)
-        while block := source.read(MiB):
-            with self.lock:  # the link is shared: each block waits its turn at the cap
-                now = time.monotonic()
-                start = max(now, self.state["free_at"])
-                self.state["free_at"] = start + len(block) / self.rate
-            time.sleep(max(0.0, start - now))
-            outputfile.write(block)
-            if not path.endswith("/"):
-                self.sent[path] = self.sent.get(path, 0) + len(block)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-@contextmanager
-def capped_source(root: Path, rate: float) -> Iterator[tuple[str, dict[str, int]]]:
-    sent: dict[str, int] = {}
-    state = {"free_at": 0.0}
-    handler = type("Handler", (_Capped,), {"rate": rate, "lock": threading.Lock(), "state": state, "sent": sent})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", sent
-    finally:
-        httpd.shutdown()
 
 
 def plain_download(url: str, cache: Path) -> Path:
@@ -279,7 +241,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
-        with capped_source(site, args.rate_mib_s * MiB) as (base, sent):
+        with http_source(site, args.rate_mib_s * MiB) as (base, sent):
             url = f"{base}/smollm2/"
             for n in counts:
                 for variant in ("ours", "plain"):

@@ -250,25 +250,37 @@ SIDE_FILES = {"config.json": '{"width": 1024}', "tokenizer.json": '{"model": {"v
 
 
 class _Counting(SimpleHTTPRequestHandler):
-    """Serves a folder and counts the body bytes it sends, per file (directory listings apart)."""
+    """Serves a folder and counts the body bytes it sends, per file (directory listings apart); with a `rate`
+    (bytes/s), through one token bucket shared by every connection, as a link to a remote store would be."""
 
     sent: dict[str, int]
+    rate: float | None
+    lock: threading.Lock
+    free_at: list[float]  # when the shared link is next free (one cell, shared by the handler's instances)
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
         path = urllib.parse.unquote(self.path)
-        data = source.read()
-        if not path.endswith("/"):
-            self.sent[path] = self.sent.get(path, 0) + len(data)
-        outputfile.write(data)
+        while block := source.read(2**20):
+            if self.rate is not None:
+                with self.lock:  # each block waits its turn at the cap
+                    now = time.monotonic()
+                    start = max(now, self.free_at[0])
+                    self.free_at[0] = start + len(block) / self.rate
+                time.sleep(max(0.0, start - now))
+            outputfile.write(block)
+            if not path.endswith("/"):
+                self.sent[path] = self.sent.get(path, 0) + len(block)
 
     def log_message(self, format: str, *args: Any) -> None:
         return
 
 
 @contextmanager
-def http_source(root: Path) -> Iterator[tuple[str, dict[str, int]]]:
+def http_source(root: Path, rate: float | None = None) -> Iterator[tuple[str, dict[str, int]]]:
+    """`root` served over http:// on loopback (at `rate` bytes/s when given), and the body bytes sent per file."""
     sent: dict[str, int] = {}
-    handler = type("Handler", (_Counting,), {"sent": sent})
+    fields = {"sent": sent, "rate": rate, "lock": threading.Lock(), "free_at": [0.0]}
+    handler = type("Handler", (_Counting,), fields)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
