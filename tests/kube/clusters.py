@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -152,7 +153,15 @@ def install_crds(cluster: Cluster) -> None:
         names.append("crd/rayservices.ray.io")
     for path in files:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path), check=True)
-    cluster.kubectl("wait", "--for=condition=Established", *names, "--timeout=60s", check=True)
+    deadline = time.monotonic() + 60
+    while True:
+        done = cluster.kubectl("wait", "--for=condition=Established", *names, "--timeout=60s")
+        if done.returncode == 0:
+            return
+        # A CRD just created may have no status yet, and kubectl wait then fails at once instead of waiting.
+        if "accessor error" not in done.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"kubectl wait for our CRDs failed: {done.stderr.strip()}")
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
