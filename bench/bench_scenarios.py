@@ -69,11 +69,10 @@ class Replica:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.models.llama import modeling_llama  # noqa: F401  # the model's code, ours or plain
 
-        from zerocopy_runtime import attach
+        from zerocopy_runtime import attach, find_or_publish
         from zerocopy_runtime._architecture import architecture_factory
         from zerocopy_runtime._source import model_folder
         from zerocopy_runtime.config import AppArgs
-        from zerocopy_runtime.serve import find_or_publish
 
         torch.set_num_threads(1)
         self.imports_s = time.perf_counter() - started
@@ -182,7 +181,7 @@ def warm(source: Path) -> None:
 
 def run_scenario(name: str, variant: str, folder: Path, dtype: str | None, replicas: int) -> dict[str, Any]:
     """Start `replicas` replicas one after another (loads never compete for the cores), then measure them."""
-    from zerocopy_runtime.serve import release_model
+    from zerocopy_runtime import release_model
 
     app = f"{name}-{replicas}"
     actors, stats, whole = [], [], []

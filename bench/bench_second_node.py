@@ -80,10 +80,9 @@ class Replica:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.models.llama import modeling_llama  # noqa: F401  # the model's code, ours or plain
 
-        from zerocopy_runtime import attach
+        from zerocopy_runtime import attach, find_or_publish, model_files
         from zerocopy_runtime._architecture import architecture_factory
         from zerocopy_runtime.config import AppArgs
-        from zerocopy_runtime.serve import find_or_publish, model_files
 
         torch.set_num_threads(1)
         self.imports_s = time.perf_counter() - started
@@ -135,7 +134,7 @@ def start(variant: str, node: str, url: str, cache: Path) -> tuple[Any, dict[str
 
 def run_count(variant: str, n: int, url: str, sent: dict[str, int], work: Path) -> dict[str, Any]:
     """Node b from nothing: ours after a fresh publish on node a, plain with an empty disk cache."""
-    from zerocopy_runtime.serve import release_model
+    from zerocopy_runtime import release_model
 
     cache_b = work / f"{variant}-{n}-b"
     cache_b.mkdir()

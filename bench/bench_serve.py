@@ -39,7 +39,7 @@ from torch import nn
 
 from zerocopy_runtime import pss_bytes
 from zerocopy_runtime.config import AppArgs
-from zerocopy_runtime.local import replica_pids
+from zerocopy_runtime.local_serve import replica_pids
 from zerocopy_runtime.serve import ZeroCopyDeployment
 
 MiB = 2**20

@@ -66,7 +66,7 @@ from starlette.requests import Request
 
 from zerocopy_runtime import pss_bytes, published_names
 from zerocopy_runtime.config import AppArgs
-from zerocopy_runtime.local import replica_pids
+from zerocopy_runtime.local_serve import replica_pids
 from zerocopy_runtime.memory import pss_by_kind
 from zerocopy_runtime.serve import ZeroCopyDeployment
 from zerocopy_runtime.weights import release

@@ -6,7 +6,7 @@ For N = 1, 2 and 4 replicas deployed at once on this node, each of:
     zerocopy   zerocopy_runtime.serve.ZeroCopyDeployment with engine: vllm, from nothing: the first
                replica publishes the checkpoint once, every engine's worker loads from that copy, and the
                engines' folder holds no weights file
-    disk       the same vLLM engine (same settings, same TextEngine routes) on the full model folder with
+    disk       the same vLLM engine (same settings, same GenerationEngine routes) on the full model folder with
                vLLM's default loader: each replica reads the safetensors file itself (Serve + vLLM as
                people run it today)
 
@@ -74,7 +74,7 @@ class DiskVllm:
         started = time.perf_counter()
         from zerocopy_runtime._vllm import VllmGenerator, start_engine
         from zerocopy_runtime.config import Vllm
-        from zerocopy_runtime.text import TextEngine
+        from zerocopy_runtime.text import GenerationEngine
 
         settings = Vllm.model_validate(VLLM)
         engine = start_engine(
@@ -88,7 +88,7 @@ class DiskVllm:
                 **settings.engine_args,
             }
         )
-        self.text = TextEngine("text-generation", None, Path(folder), name, (1, 0.0), VllmGenerator(engine))
+        self.text = GenerationEngine("text-generation", None, Path(folder), name, (1, 0.0), VllmGenerator(engine))
         self.startup_seconds = time.perf_counter() - started
 
     async def __call__(self, request: Request) -> Response:

@@ -136,7 +136,7 @@ def serve_files(
             )
         applications.append(build_serve_application(resource["metadata"]["name"], spec, route_prefix(resource, spec)))
     try:
-        from zerocopy_runtime.local import serve_applications
+        from zerocopy_runtime.local_serve import serve_applications
     except ImportError as exc:
         raise UserError(
             f"`zerocopy serve` needs the runtime ({exc.name} is missing): pip install 'zerocopy-operator[runtime]'"

@@ -19,9 +19,9 @@ from pydantic.alias_generators import to_camel
 from .kube import Kube
 from .manifests import build_cluster_rayservice
 from .placement import ClusterPlan, Member, cluster_ref, members_of, plan_cluster
-from .reconcile import Settings, adopt, apply_desired, now, observe, owns
+from .reconcile import Settings, adopt, apply_desired, now, observe, owns, write_status
 from .resources import serve_url
-from .status import NOT_SERVING, application_status, cluster_status, invalid_status, waiting_status
+from .status import NOT_SERVING, application_status, cluster_status, invalid_status, model_status, waiting_status
 from .validation import InvalidSpec, validate_cluster
 
 CLUSTER_NOT_FOUND = "ClusterNotFound"
@@ -76,7 +76,8 @@ def member_status(kube: Kube, member: Member, settings: Settings, rayservice: di
         previous = (resource.get("status") or {}).get("conditions") or []
         status = invalid_status(message, generation, previous, now())
         # As written, not from the (refused) spec: the model still names its cluster, which may keep serving it.
-        return {**status, "cluster": cluster_ref(resource), **({} if member.application is not None else NOT_SERVING)}
+        served = {} if member.application is not None else NOT_SERVING
+        return model_status({**status, "cluster": cluster_ref(resource), **served})
     return observe(kube, resource, member.spec, settings, rayservice)
 
 
@@ -124,21 +125,18 @@ def sync_cluster(kube: Kube, namespace: str, name: str, settings: Settings) -> C
     return outcome
 
 
-def write(kube: Kube, namespace: str, cluster: dict[str, Any], outcome: ClusterOutcome, own: bool = True) -> None:
-    """Patch the statuses that changed: every model's, and the cluster's unless its handler patches it (own)."""
+def write(kube: Kube, namespace: str, cluster: dict[str, Any], outcome: ClusterOutcome) -> None:
+    """Write the statuses that changed: every model's, then the cluster's."""
     models = {m["metadata"]["name"]: m for m in kube.list_models(namespace)}
     for name, status in outcome.models.items():
-        if name in models and changed((models[name].get("status") or {}), status):
-            kube.patch_model_status(namespace, name, status)
-    if own and changed(cluster.get("status") or {}, outcome.status):
-        kube.patch_cluster_status(namespace, cluster["metadata"]["name"], outcome.status)
+        if name in models:
+            write_status(kube, models[name], status)
+    write_status(kube, cluster, outcome.status)
 
 
 def _wait(kube: Kube, namespace: str, cluster: str, reason: str, message: str) -> None:
     for model in members_of(cluster, kube.list_models(namespace)):
-        status = waiting_status(model, reason, message, now())
-        if changed(model.get("status") or {}, status):
-            kube.patch_model_status(namespace, model["metadata"]["name"], status)
+        write_status(kube, model, waiting_status(model, reason, message, now()))
 
 
 def holding(kube: Kube, namespace: str, model: str) -> list[str]:
@@ -148,14 +146,3 @@ def holding(kube: Kube, namespace: str, model: str) -> list[str]:
         for c in kube.list_clusters(namespace)
         if any(m.get("name") == model for m in (c.get("status") or {}).get("models") or [])
     ]
-
-
-def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether patching `new` (a merge patch: the keys it names) would change more than conditions' timestamps."""
-
-    def plain(status: dict[str, Any], key: str) -> Any:
-        if key == "conditions":
-            return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get(key) or []]
-        return status.get(key)  # a merge patch deletes what it sets to null: absent and None are the same
-
-    return any(plain(old, key) != plain(new, key) for key in new)

@@ -1,7 +1,12 @@
 """kopf handlers: thin translations from events to `reconcile` and `clusters` calls, and outcomes to kopf's terms.
 
-A bad spec is a PermanentError (condition, Event, no retry until the spec
-changes); "not yet" and API hiccups are TemporaryErrors with a back-off.
+A resource's create, update and resume handlers reconcile it and translate
+the outcome: a bad spec is a PermanentError (condition, Event, no retry until
+the spec changes); "not yet" and API hiccups, a dropped connection included,
+are TemporaryErrors with a back-off. Event handlers (a RayService changed, a
+model or cluster deleted) only enqueue the resource to look at again; the
+work queue's worker reconciles it from what the API holds then
+(`work_queue`). Every status goes through `reconcile.write_status`.
 There are no deletion handlers and no timers, so kopf adds no finalizer:
 a RayService goes with its ZeroCopyModel or ZeroCopyCluster by owner
 reference, and a deleted model's application goes with the next
@@ -10,6 +15,7 @@ reconciliation of its cluster, which its deletion event starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -24,6 +30,7 @@ from .kube import KUBERAY_CRD, RAY_GROUP, RAY_PLURAL, RAY_VERSION, IndexedKube, 
 from .manifests import CLUSTER_LABEL, MODEL_LABEL
 from .placement import cluster_ref
 from .status import REFUSED
+from .work_queue import Key, WorkQueue
 
 MODELS = (GROUP, VERSION, PLURAL)
 CLUSTERS = (GROUP, VERSION, CLUSTER_PLURAL)
@@ -71,13 +78,52 @@ def clusters_by_namespace(namespace: str | None, body: kopf.Body, **_: Any) -> d
 def _kube(memo: Any, given: dict[str, Any]) -> Any:
     """The API, with listings from kopf's indexes when kopf passed them (it does to every handler)."""
     models, clusters = given.get("models_by_namespace"), given.get("clusters_by_namespace")
-    return memo.kube if models is None or clusters is None else IndexedKube(memo.kube, models, clusters)
+    if models is None or clusters is None:
+        return memo.kube
+    memo.indexed = IndexedKube(memo.kube, models, clusters)  # live views: the work queue's worker reads them too
+    return memo.indexed
+
+
+@kopf.on.startup()
+async def start_work_queue(memo: Any, **_: Any) -> None:
+    """The worker that reconciles what events enqueue (`work_queue`), in kopf's loop until it stops."""
+    memo.queue = getattr(memo, "queue", None) or new_queue(memo)
+    memo.queue_task = asyncio.create_task(memo.queue.run(), name="zerocopy-work-queue")
+
+
+@kopf.on.cleanup()
+async def stop_work_queue(memo: Any, **_: Any) -> None:
+    task = getattr(memo, "queue_task", None)
+    if task is not None:
+        task.cancel()
+
+
+def new_queue(memo: Any) -> WorkQueue:
+    """The queue of level-triggered work: each key reconciled with what the API (and kopf's indexes) hold then."""
+
+    def work(key: Key) -> None:
+        kube = getattr(memo, "indexed", None) or memo.kube
+        if key.kind == "cluster":
+            cl.sync_cluster(kube, key.namespace, key.name, memo.settings)
+        elif key.kind == "model":
+            rc.mirror(kube, key.namespace, key.name, memo.settings)
+        else:
+            _retry_refused(kube, key.namespace)
+
+    return WorkQueue(work, retryable=_transient)
+
+
+def _enqueue(memo: Any, given: dict[str, Any], *keys: Key) -> None:
+    """An event handler's only job: say what to reconcile."""
+    _kube(memo, given)  # the worker's listings come from kopf's indexes too
+    for key in keys:
+        memo.queue.add(key)
 
 
 @kopf.on.resume(*MODELS)
 @kopf.on.create(*MODELS)
 @kopf.on.update(*MODELS)
-def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **given: Any) -> None:
+def reconcile_model(body: kopf.Body, memo: Any, **given: Any) -> None:
     """Validate, build, adopt, apply, and write what was observed; a model on a cluster has that cluster do it."""
     resource = _plain(body)
     ref = cluster_ref(resource)
@@ -89,23 +135,16 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: Any, **given: Any)
             return
         action, _ = rc.apply(kube, resource, memo.settings)
         _leave_clusters(memo, kube, resource)
-    except rc.NotOurs as exc:
-        kopf.warn(body, reason="Conflict", message=str(exc))
-        raise kopf.TemporaryError(str(exc), delay=60) from None
-    except Exception as exc:  # a bad spec, a refused request, or a bug: retrying the same spec cannot help
-        if _transient(exc):
-            raise _retry(exc) from None
-        status = rc.refused_status(resource, exc)
-        patch.status.update(status)
-        kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
+        rc.write_status(kube, resource, rc.observe(kube, resource, spec, memo.settings))
+    except Exception as exc:
+        _translate(memo, kube, body, resource, exc)
         if ref is not None:  # its cluster keeps serving its previous application and lists it as refused
-            _sync_quietly(memo, kube, resource["metadata"]["namespace"], ref)
+            _enqueue(memo, given, Key("cluster", resource["metadata"]["namespace"], ref))
         raise kopf.PermanentError(str(exc)) from None
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.title(), message=f"RayService {resource['metadata']['name']} {action}"
         )
-    patch.status.update(rc.observe(kube, resource, spec, memo.settings))
 
 
 def _join_cluster(memo: Any, kube: Any, body: kopf.Body, resource: dict[str, Any], ref: str) -> None:
@@ -132,91 +171,66 @@ def _leave_clusters(memo: Any, kube: Any, resource: dict[str, Any], but: str | N
             cl.sync_cluster(kube, meta["namespace"], name, memo.settings)
 
 
-def _sync_quietly(memo: Any, kube: Any, namespace: str, cluster: str) -> None:
-    """From an event: a failure is logged, and the cluster's own handler reports what is wrong with it."""
-    try:
-        cl.sync_cluster(kube, namespace, cluster, memo.settings)
-    except Exception as exc:
-        logging.getLogger(__name__).warning("Not reconciling ZeroCopyCluster %s/%s: %s", namespace, cluster, exc)
-
-
 @kopf.on.resume(*CLUSTERS)
 @kopf.on.create(*CLUSTERS)
 @kopf.on.update(*CLUSTERS)
-def reconcile_cluster(body: kopf.Body, patch: kopf.Patch, memo: Any, **given: Any) -> None:
+def reconcile_cluster(body: kopf.Body, memo: Any, **given: Any) -> None:
     """Validate, plan the models, build, adopt, apply, and write the cluster's and its models' statuses."""
     resource = _plain(body)
     namespace, name = resource["metadata"]["namespace"], resource["metadata"]["name"]
     kube = _kube(memo, given)
     try:
         outcome = cl.reconcile_cluster(kube, resource, memo.settings)
-        cl.write(kube, namespace, resource, outcome, own=False)
-    except rc.NotOurs as exc:
-        kopf.warn(body, reason="Conflict", message=str(exc))
-        raise kopf.TemporaryError(str(exc), delay=60) from None
-    except Exception as exc:  # a bad spec, a refused request, or a bug
-        if _transient(exc):
-            raise _retry(exc) from None
-        status = rc.refused_status(resource, exc)
-        patch.status.update(status)
-        kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
-        _sync_quietly(memo, kube, namespace, name)  # its models say that they wait for the cluster to be fixed
+        cl.write(kube, namespace, resource, outcome)
+    except Exception as exc:
+        _translate(memo, kube, body, resource, exc)
+        _enqueue(memo, given, Key("cluster", namespace, name))  # its models say that they wait for it to be fixed
         raise kopf.PermanentError(str(exc)) from None
     if outcome.action != "unchanged":
         kopf.event(body, type="Normal", reason=outcome.action.title(), message=f"RayService {name} {outcome.action}")
-    patch.status.update(outcome.status)
+
+
+def _translate(memo: Any, kube: Any, body: kopf.Body, resource: dict[str, Any], exc: Exception) -> None:
+    """A failed reconcile in kopf's terms: returns for a refused spec (its status and Event written, the caller
+    raises PermanentError); raises TemporaryError for anything that may pass (an API error, no answer, a
+    RayService someone else owns)."""
+    if isinstance(exc, rc.NotOurs):
+        kopf.warn(body, reason="Conflict", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=60) from None
+    if _transient(exc):
+        raise _retry(exc) from None
+    status = rc.refused_status(resource, exc)
+    try:
+        rc.write_status(kube, resource, status)
+    except Exception as failed:
+        if _transient(failed):
+            raise _retry(failed) from None
+        raise
+    kopf.warn(body, reason=status["conditions"][0]["reason"], message=status["conditions"][0]["message"])
 
 
 @kopf.on.event(*CLUSTERS)
 def cluster_event(event: kopf.RawEvent, memo: Any, **given: Any) -> None:
     """A deleted cluster leaves its models waiting for it, each saying so."""
     if event["type"] == "DELETED":
-        obj: dict[str, Any] = dict(event["object"])
-        meta = obj["metadata"]
-        _sync_quietly(memo, _kube(memo, given), meta["namespace"], meta["name"])
+        meta = event["object"]["metadata"]
+        _enqueue(memo, given, Key("cluster", meta["namespace"], meta["name"]))
 
 
 @kopf.on.event(*RAYSERVICES, labels={CLUSTER_LABEL: kopf.PRESENT})
 def cluster_rayservice_event(event: kopf.RawEvent, memo: Any, **given: Any) -> None:
     """Mirror KubeRay's progress into the cluster and each model's status; put back a RayService changed by hand."""
-    obj: dict[str, Any] = dict(event["object"])
-    meta = obj["metadata"]
-    cluster = (meta.get("labels") or {})[CLUSTER_LABEL]
-    _sync_quietly(memo, _kube(memo, given), meta["namespace"], cluster)
+    meta = event["object"]["metadata"]
+    _enqueue(memo, given, Key("cluster", meta["namespace"], (meta.get("labels") or {})[CLUSTER_LABEL]))
 
 
 @kopf.on.event(*RAYSERVICES, labels={MODEL_LABEL: kopf.PRESENT})
-def rayservice_event(
-    event: kopf.RawEvent, memo: Any, logger: logging.Logger | logging.LoggerAdapter, **given: Any
-) -> None:
-    """Mirror KubeRay's progress into the model at once, and put back a RayService deleted or edited by hand."""
+def rayservice_event(event: kopf.RawEvent, memo: Any, **given: Any) -> None:
+    """Mirror KubeRay's progress into the model, and put back a RayService deleted or edited by hand."""
     rayservice: dict[str, Any] = dict(event["object"])
-    name, namespace = rc.owner_name(rayservice), rayservice["metadata"]["namespace"]
-    kube = _kube(memo, given)
-    resource = kube.get_model(namespace, name) if name else None
-    if resource is None or resource["metadata"].get("deletionTimestamp") or _refused(resource):
-        return
-    if cluster_ref(resource) is not None:  # the model moved onto a cluster and gave this RayService up
-        return
-    try:
-        spec = rc.check(kube, resource)
-        current = None if event["type"] == "DELETED" else rayservice
-        if current is None or not rc.contains(current, rc.desired_rayservice(resource, memo.settings)):
-            action, _ = rc.apply(kube, resource, memo.settings)
-            if action != "unchanged":
-                kopf.event(
-                    resource,
-                    type="Normal",
-                    reason="Restored",
-                    message=f"RayService {name} {action} after a change by hand",
-                )
-            current = None
-        status = rc.observe(kube, resource, spec, memo.settings, current)
-    except Exception as exc:  # the model's own handler reports these (a bad spec, a conflict, a bug)
-        logger.warning("Not mirroring RayService %s/%s: %s", namespace, name, exc)
-        return
-    if cl.changed(resource.get("status") or {}, status):
-        kube.patch_model_status(namespace, resource["metadata"]["name"], status)
+    name = rc.owner_name(rayservice)
+    if name:
+        _enqueue(memo, given, Key("model", rayservice["metadata"]["namespace"], name))
 
 
 @kopf.on.event(*MODELS)
@@ -226,21 +240,15 @@ def model_event(event: kopf.RawEvent, memo: Any, **given: Any) -> None:
         return
     deleted: dict[str, Any] = dict(event["object"])
     namespace = deleted["metadata"]["namespace"]
-    kube = _kube(memo, given)
-    affected = set(cl.holding(kube, namespace, deleted["metadata"]["name"]))
+    affected = set(cl.holding(_kube(memo, given), namespace, deleted["metadata"]["name"]))
     if (ref := cluster_ref(deleted)) is not None:
         affected.add(ref)
-    for cluster in sorted(affected):
-        _sync_quietly(memo, kube, namespace, cluster)
-    try:
-        _retry_refused(kube, namespace)
-    except (ApiException, *UNANSWERED) as exc:  # kopf never retries an event handler: say so, the next one does
-        logging.getLogger(__name__).warning("Not retrying refused models in %s: %s", namespace, exc)
+    _enqueue(memo, given, *(Key("cluster", namespace, c) for c in sorted(affected)), Key("refused", namespace))
 
 
 def _retry_refused(kube: Any, namespace: str) -> None:
     for other in kube.list_models(namespace):
-        if _refused(other):
+        if rc.refused(other):
             try:
                 rc.check(kube, other)
             except (ApiException, *UNANSWERED):
@@ -268,10 +276,3 @@ def _retry(exc: Exception) -> kopf.TemporaryError:
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
     return {key: body[key] for key in body}
-
-
-def _refused(resource: dict[str, Any]) -> bool:
-    """Whether this generation of the model was already refused as invalid (no retry storm)."""
-    status = resource.get("status") or {}
-    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return ready.get("reason") in REFUSED and status.get("observedGeneration") == resource["metadata"].get("generation")

@@ -29,6 +29,7 @@ class Kube:
                 config.load_kube_config()
             api_client = client.ApiClient()
         self._custom = client.CustomObjectsApi(api_client)
+        self._core = client.CoreV1Api(api_client)
 
     def kuberay_installed(self) -> bool:
         """Asks API discovery, not the CRD itself: reading CRDs needs a ClusterRole, discovery needs none."""
@@ -98,6 +99,28 @@ class Kube:
         listed: Any = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
         items: list[dict[str, Any]] = listed.get("items", [])
         return items
+
+    def post_event(self, resource: Mapping[str, Any], type: str, reason: str, message: str, at: str) -> None:
+        """A core/v1 Event about `resource`, as kopf posts them (the work queue runs outside kopf's handlers)."""
+        meta = resource["metadata"]
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": resource.get("apiVersion"),
+                "kind": resource.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "zerocopy-operator"},
+            "firstTimestamp": at,
+            "lastTimestamp": at,
+            "count": 1,
+        }
+        self._core.create_namespaced_event(meta["namespace"], body)  # type: ignore[arg-type]  # a dict serves
 
     def annotate_model(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self._custom.patch_namespaced_custom_object(

@@ -24,7 +24,7 @@ from .api import ZeroCopyModelSpec
 from .kube import Kube
 from .manifests import MODEL_LABEL, build_rayservice
 from .resources import endpoint, route_prefix, service_name
-from .status import OPERATOR_ERROR, invalid_status, observed_status, weights_from_info
+from .status import OPERATOR_ERROR, REFUSED, invalid_status, observed_status, weights_from_info
 from .validation import InvalidSpec, validate
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,56 @@ def read_info(settings: Settings, resource: dict[str, Any], spec: ZeroCopyModelS
         return None
     except (OSError, ValueError):
         return None
+
+
+def mirror(kube: Kube, namespace: str, name: str, settings: Settings) -> str | None:
+    """A standalone model's RayService put back if it was deleted or edited by hand, and KubeRay's progress
+    written into the model's status; what was done to the RayService (None: not this function's model).
+
+    Level-triggered: reads the model and its RayService as they are now, whatever event asked for it. A model
+    on a cluster is its cluster's to reconcile; a refused or deleted one is left alone.
+    """
+    resource = kube.get_model(namespace, name)
+    if resource is None or resource["metadata"].get("deletionTimestamp") or refused(resource):
+        return None
+    if (resource.get("spec") or {}).get("clusterRef"):  # the model moved onto a cluster and gave its own up
+        return None
+    spec = check(kube, resource)
+    action, _ = apply(kube, resource, settings)
+    if action != "unchanged":
+        message = f"RayService {name} {action} after a change by hand"
+        kube.post_event(resource, "Normal", "Restored", message, now())
+    write_status(kube, resource, observe(kube, resource, spec, settings))
+    return action
+
+
+def write_status(kube: Kube, resource: dict[str, Any], status: dict[str, Any]) -> bool:
+    """The one way a status is written: a merge patch of `status` onto the resource's, only when it changes
+    more than conditions' timestamps. Whether it wrote."""
+    if not changed(resource.get("status") or {}, status):
+        return False
+    meta = resource["metadata"]
+    patch = kube.patch_cluster_status if resource.get("kind") == "ZeroCopyCluster" else kube.patch_model_status
+    patch(meta["namespace"], meta["name"], status)
+    return True
+
+
+def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether patching `new` (a merge patch: the keys it names) would change more than conditions' timestamps."""
+
+    def plain(status: dict[str, Any], key: str) -> Any:
+        if key == "conditions":
+            return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get(key) or []]
+        return status.get(key)  # a merge patch deletes what it sets to null: absent and None are the same
+
+    return any(plain(old, key) != plain(new, key) for key in new)
+
+
+def refused(resource: dict[str, Any]) -> bool:
+    """Whether this generation of the model was already refused as invalid (no retry storm)."""
+    status = resource.get("status") or {}
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return ready.get("reason") in REFUSED and status.get("observedGeneration") == resource["metadata"].get("generation")
 
 
 def owner_name(rayservice: dict[str, Any]) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 from zerocopy_runtime.contract import ReplicaInfo
 
 from . import quantity
-from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
+from .api import ZeroCopyClusterSpec, ZeroCopyClusterStatus, ZeroCopyModelSpec, ZeroCopyModelStatus
 from .manifests import DEPLOYMENT
 from .resources import service_name
 
@@ -39,11 +39,13 @@ def invalid_status(
 ) -> dict[str, Any]:
     """The status of a resource the operator refuses: Failed, with the problems in Ready's message."""
     conditions = [condition("Ready", False, reason, message)]
-    return {
-        "observedGeneration": generation,
-        "phase": "Failed",
-        "conditions": stamp(conditions, previous, now, generation),
-    }
+    return model_status(
+        {
+            "observedGeneration": generation,
+            "phase": "Failed",
+            "conditions": stamp(conditions, previous, now, generation),
+        }
+    )
 
 
 def observed_status(
@@ -121,13 +123,15 @@ def waiting_status(resource: dict[str, Any], reason: str, message: str, now: str
     meta = resource["metadata"]
     previous = (resource.get("status") or {}).get("conditions") or []
     conditions = [condition("Ready", False, reason, message), condition("ClusterReady", False, reason, message)]
-    return {
-        "observedGeneration": meta.get("generation"),
-        "phase": "Pending",
-        "conditions": stamp(conditions, previous, now, meta.get("generation")),
-        "cluster": ((resource.get("spec") or {}).get("clusterRef") or {}).get("name"),
-        **NOT_SERVING,
-    }
+    return model_status(
+        {
+            "observedGeneration": meta.get("generation"),
+            "phase": "Pending",
+            "conditions": stamp(conditions, previous, now, meta.get("generation")),
+            "cluster": ((resource.get("spec") or {}).get("clusterRef") or {}).get("name"),
+            **NOT_SERVING,
+        }
+    )
 
 
 def _desired_replicas(spec: ZeroCopyModelSpec) -> int:
@@ -154,21 +158,23 @@ def _status(
     ready: int,
     desired: int,
 ) -> dict[str, Any]:
-    return {
-        "observedGeneration": meta.get("generation"),
-        "phase": phase,
-        "conditions": stamp(conditions, previous, now, meta.get("generation")),
-        "rayService": service_name({"metadata": meta}, spec),
-        "cluster": spec.cluster_ref.name if spec.cluster_ref is not None else None,
-        "endpoint": endpoint,
-        "task": spec.serving.task,
-        # What an OpenAI client takes as base_url; only text tasks speak that protocol.
-        "openaiBaseUrl": f"{endpoint}/v1" if endpoint and spec.serving.task != "tensor" else None,
-        "weights": weights,
-        "replicas": f"{ready}/{desired}",
-        "readyReplicas": ready,
-        "desiredReplicas": desired,
-    }
+    return model_status(
+        {
+            "observedGeneration": meta.get("generation"),
+            "phase": phase,
+            "conditions": stamp(conditions, previous, now, meta.get("generation")),
+            "rayService": service_name({"metadata": meta}, spec),
+            "cluster": spec.cluster_ref.name if spec.cluster_ref is not None else None,
+            "endpoint": endpoint,
+            "task": spec.serving.task,
+            # What an OpenAI client takes as base_url; only text tasks speak that protocol.
+            "openaiBaseUrl": f"{endpoint}/v1" if endpoint and spec.serving.task != "tensor" else None,
+            "weights": weights,
+            "replicas": f"{ready}/{desired}",
+            "readyReplicas": ready,
+            "desiredReplicas": desired,
+        }
+    )
 
 
 def stamp(
@@ -230,17 +236,39 @@ def cluster_status(
     ready = condition("Ready", ok, "ClusterReady" if ok else cluster["reason"], summary if ok else cluster["message"])
     models_ok = bool(models) and len(serving) == len(models)
     models_condition = condition("ModelsReady", models_ok, "AllServing" if models_ok else "NotAllServing", summary)
-    return {
-        "observedGeneration": meta.get("generation"),
-        "phase": phase,
-        "conditions": stamp([ready, cluster, models_condition], previous, now, meta.get("generation")),
-        "rayService": meta["name"],
-        "endpoint": endpoint,
-        "models": models,
-        "modelsReady": f"{len(serving)}/{len(models)}",
-        "objectStore": store,
-        "objectStoreSummary": ", ".join(
-            f"{use['group']} {quantity.human(use['weightsBytes'])}/{quantity.human(use['capacityBytes'])}"
-            for use in store
-        ),
-    }
+    return _checked(
+        ZeroCopyClusterStatus,
+        {
+            "observedGeneration": meta.get("generation"),
+            "phase": phase,
+            "conditions": stamp([ready, cluster, models_condition], previous, now, meta.get("generation")),
+            "rayService": meta["name"],
+            "endpoint": endpoint,
+            "models": models,
+            "modelsReady": f"{len(serving)}/{len(models)}",
+            "objectStore": store,
+            "objectStoreSummary": ", ".join(
+                f"{use['group']} {quantity.human(use['weightsBytes'])}/{quantity.human(use['capacityBytes'])}"
+                for use in store
+            ),
+        },
+    )
+
+
+def model_status(fields: dict[str, Any]) -> dict[str, Any]:
+    """A ZeroCopyModel's status as the merge patch to write (camelCase; a None deletes the field), checked
+    against `ZeroCopyModelStatus`, the type its CRD schema is generated from."""
+    return _checked(ZeroCopyModelStatus, fields)
+
+
+def _checked(kind: type[ZeroCopyModelStatus | ZeroCopyClusterStatus], fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` through the status type: a field it does not declare, or a value of the wrong type, is a bug
+    here (ValueError) rather than a status the CRD keeps or prunes behind the operator's back."""
+    built = kind.model_validate(fields)
+    nested = [c.model_extra for c in built.conditions]
+    if isinstance(built, ZeroCopyModelStatus) and built.weights is not None:
+        nested.append(built.weights.model_extra)
+    undeclared = sorted({key for extra in [built.model_extra, *nested] for key in extra or {}})
+    if undeclared:
+        raise ValueError(f"{kind.__name__} declares no field {', '.join(undeclared)}: declare it in api.py first")
+    return built.model_dump(by_alias=True, exclude_unset=True)

@@ -20,9 +20,11 @@ if TYPE_CHECKING:
     from ._owner import published_names
     from .config import AppArgs
     from .contract import ReplicaInfo
-    from .handlers import BadRequest, Handler
+    from .engines import Engine
     from .memory import pss_bytes, total_pss
-    from .serve import build_app, release_model
+    from .replica_weights import ReplicaWeights, find_or_publish, model_files, release_model
+    from .serve import build_app
+    from .tensor_codec import BadRequest, Handler
     from .weights import AttachReport, PublishedModel, attach, attach_report, lookup, publish, release
     from .wrapper import ModelWrapper, TaskModel
 
@@ -37,9 +39,11 @@ _HOMES = {
     "._owner": ["published_names"],
     ".config": ["AppArgs"],
     ".contract": ["ReplicaInfo"],
-    ".handlers": ["BadRequest", "Handler"],
+    ".tensor_codec": ["BadRequest", "Handler"],
     ".memory": ["pss_bytes", "total_pss"],
-    ".serve": ["build_app", "release_model"],
+    ".engines": ["Engine"],
+    ".replica_weights": ["ReplicaWeights", "find_or_publish", "model_files", "release_model"],
+    ".serve": ["build_app"],
     ".weights": ["AttachReport", "PublishedModel", "attach", "attach_report", "lookup", "publish", "release"],
     ".wrapper": ["ModelWrapper", "TaskModel"],
 }
@@ -50,11 +54,13 @@ __all__ = [
     "AttachReport",
     "BadRequest",
     "CheckpointError",
+    "Engine",
     "Handler",
     "ModelWrapper",
     "ObjectStoreFullError",
     "PublishedModel",
     "ReplicaInfo",
+    "ReplicaWeights",
     "TaskModel",
     "UnsupportedWeightsError",
     "WeightsNotFoundError",
@@ -62,7 +68,9 @@ __all__ = [
     "attach",
     "attach_report",
     "build_app",
+    "find_or_publish",
     "lookup",
+    "model_files",
     "pss_bytes",
     "publish",
     "published_names",

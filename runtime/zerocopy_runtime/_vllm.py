@@ -4,7 +4,7 @@ The replica publishes (or finds) the weights as for any engine, then starts
 vLLM on a folder of config and tokenizer files only, with the `zerocopy`
 load format: vLLM's processes read the weights from the object store
 (`_vllm_loader`), never from a file. Tokens go in and out as ids, so the
-protocol, chat templates, stop strings and streaming stay in `TextEngine`,
+protocol, chat templates, stop strings and streaming stay in `GenerationEngine`,
 the same for both engines.
 """
 

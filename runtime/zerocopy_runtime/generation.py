@@ -60,6 +60,14 @@ class TokenGenerator(Protocol):
         """Counters for `/-/info`."""
         ...
 
+    def check(self) -> None:
+        """Raise when the generator can no longer serve (Serve then replaces the replica)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop what the generator started."""
+        ...
+
 
 @dataclass
 class _Row:
@@ -101,6 +109,7 @@ class BatchGenerator:
         self._cache_keyword = "cache" if takes_cache else "past_key_values"
         self.context = context_length(model)
         self._pending: list[_Row] = []
+        self._stopping = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="zerocopy-generation", daemon=True)
         self._thread.start()
@@ -132,14 +141,25 @@ class BatchGenerator:
             "joined_running_batch": self.joined,
         }
 
+    def check(self) -> None:
+        if not self._thread.is_alive() and not self._stopping:
+            raise RuntimeError("The generation thread has stopped; restarting this replica.")
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._pending:
+                while not self._pending and not self._stopping:
                     self._wake.wait()
+                if self._stopping:
+                    return
                 # Give concurrent requests the batch window to join, then take up to max_batch_size.
                 self._wake.wait_for(lambda: len(self._pending) >= self.max_batch_size, self.batch_wait_timeout_s)
                 rows = self._take(self.max_batch_size)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible protocol: request types, response bodies and errors, shared by every engine.
+"""The OpenAI-compatible protocol: request and response types and errors, shared by every engine.
 
 Only what the routes serve is declared; unknown request fields are refused
 (400) rather than silently ignored, so a client never believes a setting
@@ -11,7 +11,10 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+
+#: Why a choice ended: an end-of-sequence token or a stop string, or max_tokens.
+FinishReason = Literal["stop", "length"]
 
 #: Fields OpenAI clients send by default that change nothing here.
 _IGNORED = {"user", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "stream_options"}
@@ -107,71 +110,151 @@ def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
 
 
-def chat_response(ident: str, model: str, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+class _Response(BaseModel):
+    """Responses are validated like requests: a field an engine fills wrongly fails here, not in a client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None
+
+    @field_serializer("delta")
+    def _only_what_changed(self, delta: ChatDelta) -> dict[str, Any]:
+        return delta.model_dump(exclude_none=True)  # OpenAI's deltas name only the fields they carry
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    #: Floats, or base64 of little-endian float32 bytes (encoding_format base64).
+    embedding: list[float] | str
+
+
+class EmbeddingList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "zerocopy"
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def chat_response(ident: str, model: str, choices: list[tuple[str, str]], use: Usage) -> ChatCompletion:
+    return ChatCompletion(
+        id=ident,
+        model=model,
+        choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)  # type: ignore[arg-type]
             for i, (text, reason) in enumerate(choices)
         ],
-        "usage": use,
-    }
+        usage=use,
+    )
 
 
-def chat_chunk(ident: str, model: str, index: int, delta: dict[str, str], reason: str | None) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "finish_reason": reason}],
-    }
+def chat_chunk(ident: str, model: str, index: int, delta: ChatDelta, reason: str | None) -> ChatCompletionChunk:
+    choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason)  # type: ignore[arg-type]
+    return ChatCompletionChunk(id=ident, model=model, choices=[choice])
 
 
-def completion_response(ident: str, model: str, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+def completion_response(ident: str, model: str, choices: list[tuple[str, str]], use: Usage) -> Completion:
+    return Completion(
+        id=ident,
+        model=model,
+        choices=[
+            CompletionChoice(index=i, text=text, finish_reason=reason)  # type: ignore[arg-type]
             for i, (text, reason) in enumerate(choices)
         ],
-        "usage": use,
-    }
+        usage=use,
+    )
 
 
-def completion_chunk(ident: str, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}],
-    }
+def completion_chunk(ident: str, model: str, index: int, text: str, reason: str | None) -> Completion:
+    choice = CompletionChoice(index=index, text=text, finish_reason=reason)  # type: ignore[arg-type]
+    return Completion(id=ident, model=model, choices=[choice])
 
 
-def embeddings_response(model: str, vectors: list[Any], prompt_tokens: int) -> dict[str, Any]:
+def embeddings_response(model: str, vectors: list[Any], prompt_tokens: int) -> EmbeddingList:
     """`vectors` are lists of floats, or base64 strings of float32 bytes for encoding_format base64."""
-    return {
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-        "model": model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }
+    return EmbeddingList(
+        data=[Embedding(index=i, embedding=v) for i, v in enumerate(vectors)],
+        model=model,
+        usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+    )
 
 
-def models_response(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "zerocopy"}]}
+def models_response(model: str, created: int) -> ModelList:
+    return ModelList(data=[ModelCard(id=model, created=created)])

@@ -1,57 +1,81 @@
-"""The Ray Serve application: replicas that attach to weights published once per node.
+"""The Ray Serve application: a replica is its weights, an engine, and an HTTP ingress.
 
 `build_app(args)` is what a RayService's `serveConfigV2` (or `serve run`)
-imports. The first replica of a model revision publishes it through a
-detached owner; every later replica, scale-up or restart finds the owner by
-name and attaches in milliseconds.
+imports. Each replica holds `ReplicaWeights` (published once per node,
+attached in milliseconds), one `Engine` for the model's task, and the routes
+below: a FastAPI app under Serve's `@serve.ingress`, so routing, methods and
+404s are FastAPI's, and the OpenAI bodies are the typed models of `openai_protocol`.
+
+Routes, under the application's route prefix:
+
+- `POST /`: JSON tensors in and out (task tensor; `tensor_codec` says how).
+- `GET /v1/models`, `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the OpenAI-compatible
+  routes of the text tasks, errors in OpenAI's shape.
+- `GET /-/info`: `ReplicaInfo`, what the operator reads.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import ray
 import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve import Application
-from ray.serve._private.constants import SERVE_NAMESPACE
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._architecture import architecture_factory
-from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
 from ._metrics import ReplicaMetrics
-from ._owner import NAMESPACE, actor_name, published_names
-from ._source import (
-    is_gguf_source,
-    is_remote,
-    local_path,
-    model_folder,
-    published_folder,
-    revision,
-    verify,
-    write_side_files,
-)
+from ._source import is_gguf_source, is_remote
 from .config import AppArgs
-from .contract import ReplicaInfo, weights_model, weights_name, weights_revision
-from .handlers import BadRequest, fingerprint, load_handler
+from .contract import ReplicaInfo
+from .engines import Engine, TensorEngine, build_engine, vllm_engine
 from .openai_protocol import ApiError
+from .replica_weights import ReplicaWeights, find_or_publish, model_files
+from .tensor_codec import BadRequest, load_handler
 from .text import TextEngine
-from .weights import Progress, PublishedModel, attach, attach_report, lookup, publish, release
 
-#: How long a replica waits for another replica's publish of the same revision.
-PUBLISH_WAIT_S = 1800.0
-#: How long a stopping replica asks Serve's controller whether its application is going away.
-CONTROLLER_TIMEOUT_S = 5.0
+__all__ = ["ZeroCopyDeployment", "build_app"]
 
-logger = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log, tagged with its id
+ROUTES = "POST <route>/ (tensors), POST <route>/v1/chat/completions, /v1/completions or /v1/embeddings, " + (
+    "GET <route>/v1/models, GET <route>/-/info"
+)
+
+app = FastAPI(title="zerocopy replica", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class _PrefixIsRoot:
+    """The route prefix itself (`/mlp`, no slash) is the root route: answered, not redirected to `/mlp/` (a
+    client would resend a POST as a GET, or not at all)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == scope.get("root_path", ""):
+            scope = {**scope, "path": scope["path"] + "/"}
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(_PrefixIsRoot)
+
+
+@app.exception_handler(HTTPException)
+async def _no_such_route(request: Request, exc: HTTPException) -> JSONResponse:
+    """A path or method the replica does not serve: OpenAI's error shape, naming the routes it does."""
+    message = f"{request.method} {request.url.path} is not a route of this model: {ROUTES}"
+    body = ApiError(exc.status_code, message if exc.status_code in (404, 405) else str(exc.detail)).body()
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -59,221 +83,62 @@ def build_app(args: dict[str, Any]) -> Application:
     return ZeroCopyDeployment.bind(AppArgs.model_validate(args).model_dump())  # type: ignore[attr-defined]
 
 
-def find_or_publish(
-    args: AppArgs, progress: Progress | None = None, timeout_s: float = PUBLISH_WAIT_S, verified: bool = False
-) -> PublishedModel:
-    """The published weights of this revision, publishing them if no replica has yet.
-
-    Replicas that start together (a new revision, a restart after the owner
-    died) race for the owner's name: one publishes, the others wait for its
-    copy, so the weights are read and stored exactly once. `verified`: the caller has already
-    checked the file against model.sha256 (hashing gigabytes twice helps no one).
-    A remote checkpoint is downloaded only to publish it: its revision is named from the source's listing, and
-    it is published with its side files (`model_files`), so a replica on another node reads nothing from the
-    source, and pulls the bytes from the publishing node's store into its own.
-    """
-    name = weights_name(args.name, revision(args.model))  # one published copy per model and revision
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return lookup(name)
-        except PublishInProgressError:
-            if time.monotonic() > deadline:
-                raise ZeroCopyError(
-                    f"Weights {name!r} were still being published after {timeout_s:.0f} s; "
-                    "check the publishing replica's log (a stuck or very slow checkpoint read)."
-                ) from None
-            time.sleep(0.2)
-            continue
-        except WeightsNotFoundError:
-            pass
-        path = local_path(args.model)
-        if not verified:
-            verify(path, args.model)
-            verified = True
-        files = model_folder(path) if is_remote(args.model.uri) else None
-        try:
-            return publish(path, name=name, progress=progress, dtype=args.model.dtype, files=files)
-        except AlreadyPublishedError:
-            time.sleep(0.2)  # another replica won the race: wait for its copy
-            continue
-
-
-def model_files(args: AppArgs, published: PublishedModel | None) -> Path:
-    """The model's folder on this node (config, tokenizer, chat template): beside a local checkpoint, or, for a
-    remote one, written once into the node's cache from the files published with its weights."""
-    if published is None or published.files is None:
-        return model_folder(local_path(args.model))
-    folder = published_folder(published.name)  # written by an earlier replica on this node
-    return folder if folder.exists() else write_side_files(published.name, ray.get(published.files))
-
-
-def _register_replica(published: PublishedModel) -> None:
-    context = ray.get_runtime_context()
-    name = context.get_actor_name()
-    if name:  # Serve replicas are named actors; their owner learns who uses each revision, and for which app
-        owner = ray.get_actor(actor_name(published.name), namespace=published.namespace)
-        app = serve.get_replica_context().app_name
-        ray.get(owner.register.remote(name, SERVE_NAMESPACE, app))  # replicas are named there, not in the job's
-
-
-def release_unused_revisions(model: str, keep: str) -> list[str]:
-    """Release revisions of `model` older than `keep` once no replica attached to them is alive.
-
-    Runs in every new replica and health check, so the old buffers go soon
-    after a rolling update has stopped the last replica of the old revision.
-    Newer revisions are never touched: their first replica may still be
-    publishing, before any replica has registered.
-    """
-    released: list[str] = []
-    try:
-        kept_since, _, _ = _usage(keep)
-    except (ValueError, ray.exceptions.RayError):
-        return released
-    for name in published_names():
-        if name == keep or weights_model(name) != model:
-            continue
-        try:
-            since, in_use, _ = _usage(name)
-            if since < kept_since and not in_use:
-                release(name)
-                released.append(name)
-        except (ValueError, ZeroCopyError, ray.exceptions.RayError):
-            continue  # released or replaced concurrently: nothing to do
-    return released
-
-
-def live_applications(timeout_s: float = CONTROLLER_TIMEOUT_S) -> set[str]:
-    """The Serve applications that exist and are not being deleted, from Serve's public status API.
-
-    Bounded: `serve.status()` takes no timeout, and a busy controller must not hold a health check or a
-    replica's shutdown (raises TimeoutError).
-    """
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zerocopy-serve-status")
-    try:
-        status = pool.submit(serve.status).result(timeout=timeout_s)
-    finally:
-        pool.shutdown(wait=False)
-    return {name for name, app in status.applications.items() if app.status != "DELETING"}
-
-
-def application_deleted(app: str, timeout_s: float = CONTROLLER_TIMEOUT_S) -> bool:
-    """Whether Serve is deleting `app` (or has deleted it), as opposed to scaling or updating it in place."""
-    return app not in live_applications(timeout_s)
-
-
-def release_orphaned() -> list[str]:
-    """Release published copies whose Serve applications are all gone and that no live replica uses.
-
-    A model deleted while it has no replica (scaled to zero) has no replica to release its copy on the way
-    out; the health checks of every other model's replicas on the cluster do it. Copies that no Serve replica
-    ever used (a revision still being published, weights published from Python) are never touched.
-    """
-    released: list[str] = []
-    live = live_applications()
-    for name in published_names():
-        try:
-            _, in_use, apps = _usage(name)
-            if apps and not in_use and not live.intersection(apps):
-                release(name)
-                released.append(name)
-        except (ValueError, ZeroCopyError, ray.exceptions.RayError):
-            continue  # released or replaced concurrently: nothing to do
-    return released
-
-
-def release_model(model: str) -> list[str]:
-    """Release every published revision of `model`; another replica may have released some first."""
-    released: list[str] = []
-    for name in published_names():
-        if weights_model(name) == model:
-            try:
-                release(name)
-                released.append(name)
-            except WeightsNotFoundError:
-                continue
-    return released
-
-
-def _usage(name: str) -> tuple[float, bool, list[str]]:
-    owner = ray.get_actor(actor_name(name), namespace=NAMESPACE)
-    usage: Any = ray.get(owner.usage.remote(), timeout=10)
-    return float(usage[0]), bool(usage[1]), list(usage[2])
-
-
 @serve.deployment
+@serve.ingress(app)
 class ZeroCopyDeployment:
-    """One replica: attaches in its constructor, serves JSON over HTTP."""
+    """One replica: attaches in its constructor, serves the routes of its engine."""
 
     def __init__(self, args: dict[str, Any]) -> None:
         started = time.perf_counter()
         self.args = AppArgs.model_validate(args)
-        self.handler = load_handler(self.args.handler)
+        # First: a handler that cannot be imported fails the replica before any weights are read.
+        handler = load_handler(self.args.handler) if self.args.task == "tensor" else None
         device = self.args.device
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.metrics = ReplicaMetrics(self.args.name, self.args.handler)
-        self.reattached = 0
-        self.text: TextEngine | None = None
-        self.vllm: Any = None
-        batching = (self.args.batching.max_batch_size, self.args.batching.batch_wait_timeout_s)
         # A local model's structure is checked before its weights are read; a remote one's folder comes with them.
         published = find_or_publish(self.args) if is_remote(self.args.model.uri) else None
         folder = model_files(self.args, published)
+        self.engine: Engine
         if self.args.engine == "vllm":
-            self._start_vllm(published or find_or_publish(self.args), folder, batching)
+            self.weights = ReplicaWeights(self.args, None, device, published)
+            engine = vllm_engine(self.args, self.weights.published, folder)
+            self.engine, self.weights.report = engine, engine.generator.report  # type: ignore[attr-defined]
         else:
             assert self.args.model.architecture is not None  # AppArgs requires it for this engine
             gguf = is_gguf_source(self.args.model)
-            self.factory = architecture_factory(self.args.model.architecture, folder, self.args.model.dtype, gguf=gguf)
-            self._attach(published)
-            if self.args.task != "tensor":
-                self.text = TextEngine(self.args.task, self.model, folder, self.args.name, batching)
-        release_unused_revisions(self.args.name, keep=self.published.name)
-        self.largest_batch = 0
-        # serve.batch methods carry these setters; its type stubs do not say so.
-        self.batched.set_max_batch_size(self.args.batching.max_batch_size)  # type: ignore[attr-defined]
-        self.batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+            factory = architecture_factory(self.args.model.architecture, folder, self.args.model.dtype, gguf=gguf)
+            self.weights = ReplicaWeights(self.args, factory, device, published)
+            assert self.weights.model is not None
+            self.engine = build_engine(self.args, self.weights.model, folder, handler)
+        self._attached()
         self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
         self._serving = True
 
-    def _start_vllm(self, published: PublishedModel, folder: Path, batching: tuple[int, float]) -> None:
-        """vLLM's engine, loading this revision's published weights (its own processes attach to them)."""
-        from ._vllm import PublishedVllm
+    def _attached(self) -> None:
+        assert self.weights.report is not None
+        self.metrics.attached(self.weights.report.attach_seconds, self.weights.report.bytes_shared)
 
-        self.published = published
-        _register_replica(self.published)
-        self.vllm = PublishedVllm(self.args, self.published, folder)
-        self.report, self.fingerprint = self.vllm.report, 0
-        self.metrics.attached(self.report.attach_seconds, self.report.bytes_shared)
-        self.text = TextEngine(self.args.task, None, folder, self.args.name, batching, self.vllm)
+    # --- routes ---------------------------------------------------------------------------------------------------
 
-    def _attach(self, published: PublishedModel | None = None) -> None:
-        """Point a fresh model at this revision's weights, finding (or publishing) them unless given."""
-        published = published or find_or_publish(self.args)
-        _register_replica(published)
-        model = attach(published, factory=self.factory, write_guard=self.args.write_guard, device=self.device).eval()
-        report = attach_report(model)
-        # Swapped at once: a request in flight finishes on the model it started with.
-        self.published, self.model, self.report = published, model, report
-        if self.text is not None:
-            self.text.use(model)
-        # On a GPU the weights are a private device copy: the check below is for shared host pages.
-        self.fingerprint = fingerprint(model) if self.device == "cpu" else 0
-        self.metrics.attached(report.attach_seconds, report.bytes_shared)
+    @app.get("/-/info")
+    def info_route(self) -> JSONResponse:
+        return JSONResponse(self.info().model_dump())
 
-    async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/")
-        if path.endswith("/-/info"):
-            return JSONResponse(self.info().model_dump())
-        if self.text is not None:
-            return await self._openai(request, path)
+    @app.post("/")
+    async def tensors(self, request: Request) -> JSONResponse:
+        """JSON tensors; errors as `{"error": "..."}` with 400."""
+        if not isinstance(self.engine, TensorEngine):
+            message = f"{self.args.name} serves task {self.engine.task} on the OpenAI routes: {ROUTES}"
+            self.metrics.request(error="bad_request")
+            return JSONResponse(ApiError(404, message, code="not_found").body(), status_code=404)
         try:
             body = await request.json()
         except ValueError as exc:
             self.metrics.request(error="bad_request")
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
         try:
-            result = await self.batched(body)
+            result = await self.engine.run(body)
         except Exception:
             self.metrics.request(error="internal")
             raise
@@ -283,29 +148,42 @@ class ZeroCopyDeployment:
         self.metrics.request()
         return JSONResponse(result)
 
-    async def _openai(self, request: Request, path: str) -> Response:
-        """The OpenAI-compatible routes under the route prefix; errors in OpenAI's shape."""
-        assert self.text is not None
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        return await self._openai(lambda _: self._text("/v1/models").models())
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        return await self._openai(self._text("/v1/chat/completions").chat, request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(self._text("/v1/completions").completions, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        return await self._openai(self._text("/v1/embeddings").embeddings, request)
+
+    def _text(self, route: str) -> TextEngine:
+        """The text engine, or a 404 saying that this is a tensor model."""
+        if isinstance(self.engine, TextEngine):
+            return self.engine
+        raise ApiError(
+            404, f"{route} is not served by {self.args.name}, whose task is tensor: POST JSON tensors to its route",
+            code="not_found",
+        )  # fmt: skip
+
+    async def _openai(self, route: Callable[[Any], Any], request: Request | None = None) -> Response:
+        """Run an OpenAI route: the body parsed as JSON, errors in OpenAI's shape, streams as server-sent events."""
         try:
-            if path.endswith("/v1/models") and request.method == "GET":
-                return JSONResponse(self.text.models())
-            routes = {
-                "/v1/chat/completions": self.text.chat,
-                "/v1/completions": self.text.completions,
-                "/v1/embeddings": self.text.embeddings,
-            }
-            route = next((r for r in routes if path.endswith(r)), None)
-            if route is None or request.method != "POST":
-                routes_text = (
-                    "POST <route>/v1/chat/completions, /v1/completions or /v1/embeddings, GET <route>/v1/models"
-                )
-                raise ApiError(404, f"{request.method} {path} is not a route of {self.args.name}: {routes_text}")
-            try:
-                body = await request.json()
-            except ValueError as exc:
-                raise ApiError(400, f"the body is not JSON: {exc}") from None
-            result = routes[route](body)
-            answer: Any = await result if inspect.isawaitable(result) else result
+            body = None
+            if request is not None:
+                try:
+                    body = await request.json()
+                except ValueError as exc:
+                    raise ApiError(400, f"the body is not JSON: {exc}") from None
+            result = route(body)
+            answer: Any = await result if isinstance(result, Awaitable) else result
         except ApiError as exc:
             self.metrics.request(error="bad_request" if exc.status < 500 else "internal")
             return JSONResponse(exc.body(), status_code=exc.status)
@@ -314,100 +192,32 @@ class ZeroCopyDeployment:
             return JSONResponse(answer)
         return StreamingResponse(answer, media_type="text/event-stream")
 
-    @serve.batch(max_batch_size=1)
-    async def batched(self, bodies: list[Any]) -> list[Any]:
-        """One handler call per batch; a bad request fails alone, not its whole batch."""
-        self.largest_batch = max(self.largest_batch, len(bodies))
-        # Off the event loop: health checks, /-/info and the next batch's requests are taken meanwhile.
-        return await asyncio.to_thread(self._run_or_one_by_one, bodies)
-
-    def _run_or_one_by_one(self, bodies: list[Any]) -> list[Any]:
-        try:
-            return self._run(bodies)
-        except BadRequest:
-            return [self._one(body) for body in bodies]
-
-    def _one(self, body: Any) -> Any:
-        try:
-            return self._run([body])[0]
-        except BadRequest as exc:
-            return exc
-
-    def _run(self, bodies: list[Any]) -> list[Any]:
-        with torch.inference_mode():
-            return self.handler(self.model, bodies)
+    # --- what Serve and the operator call -----------------------------------------------------------------------
 
     def info(self) -> ReplicaInfo:
-        """The answer at `/-/info`; a text task's engine adds its own fields (its batches count as largest)."""
-        fields: dict[str, Any] = {
-            "name": self.args.name,
-            "weights": self.published.name,
-            "revision": weights_revision(self.published.name),
-            "bytes_shared": self.report.bytes_shared,
-            "tensor_count": self.report.tensor_count,
-            "attach_seconds": self.report.attach_seconds,
-            "shared": self.report.in_object_store,
-            "write_guard": self.report.write_guard,
-            "node_id": self.report.node_id,
-            "pid": os.getpid(),
-            "owner_pid": self.published.owner_pid,
-            "object_ids": [ref.hex() for ref in self.published.refs],
+        """The answer at `/-/info`: the weights' fields, then the engine's (a generator counts its own batches)."""
+        assert self.weights.report is not None
+        fields = self.weights.info(self.weights.report) | {
             "max_batch_size": self.args.batching.max_batch_size,
-            "largest_batch": self.largest_batch,
-            "reattached": self.reattached,
+            "largest_batch": 0,
             "startup_seconds": self.startup_seconds,
         }
-        return ReplicaInfo(**fields | (self.text.info() if self.text is not None else {"task": "tensor"}))
+        return ReplicaInfo(**fields | self.engine.info())
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose weights are no longer intact or whose engine died; a lost owner is
+        replaced in place (`ReplicaWeights.check`)."""
+        self.engine.check()
+        if self.weights.check():
+            assert self.weights.model is not None
+            self.engine.use(self.weights.model)
+            self._attached()
 
     def __del__(self) -> None:
-        """Serve's shutdown hook: vLLM's engine processes go with the replica, the weights with the application.
-
-        The owner outlives replicas so that restarts, scale-downs and in-place
-        updates re-attach instead of re-publishing; only once the application
-        itself is deleted does nothing use its weights any more.
-        """
-        if getattr(self, "vllm", None) is not None:
-            self.vllm.shutdown()
+        """Serve's shutdown hook: the engine's threads and processes go with the replica, the weights with the
+        application."""
         if not getattr(self, "_serving", False):  # never started, or Serve already ran this (Python may again)
             return
         self._serving = False
-        try:
-            if application_deleted(serve.get_replica_context().app_name):
-                logger.info("application deleted: released %s", release_model(self.args.name))
-        except Exception:  # a stuck or gone controller must not fail the shutdown
-            logger.exception("could not tell whether %s's application is deleted; its weights stay", self.args.name)
-
-    def check_health(self) -> None:
-        """Serve restarts a replica whose weights are no longer intact; a lost owner is replaced in place.
-
-        When the owner of the shared copy dies (killed, or its node lost), the
-        pages this replica holds stay valid until it lets go of them, so it
-        re-attaches instead of failing: the first replica on the node to notice
-        publishes again, the others wait for that copy, and no replica stops serving.
-        """
-        if self.vllm is not None:  # vLLM holds its own copy: the engine's life is what matters here
-            self.vllm.check()
-            self._tidy()
-            return
-        try:
-            current: PublishedModel | None = lookup(self.published.name)
-        except WeightsNotFoundError:
-            current = None
-        # Another replica may have published again under the same name already: a new owner, a new copy.
-        if current is None or [r.hex() for r in current.refs] != [r.hex() for r in self.published.refs]:
-            self._attach()
-            self.reattached += 1
-        if self.device == "cpu" and fingerprint(self.model) != self.fingerprint:
-            raise RuntimeError("The attached weights changed or moved since attach; restarting this replica.")
-        self._tidy()
-
-    def _tidy(self) -> None:
-        """Release this model's superseded revisions, and copies of models deleted at zero replicas."""
-        release_unused_revisions(self.args.name, keep=self.published.name)
-        try:
-            released = release_orphaned()
-        except (ray.exceptions.RayError, TimeoutError):  # a busy or restarting controller: the next check tries again
-            logger.warning("could not list Serve's applications; orphaned weights are released later")
-            return
-        if released:
-            logger.info("released the weights of deleted applications: %s", released)
+        self.engine.shutdown()
+        self.weights.close()

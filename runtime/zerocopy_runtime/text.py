@@ -1,9 +1,10 @@
-"""Text in, text out on shared weights: the OpenAI-compatible routes of one replica.
+"""Text in, text out on shared weights: the engines behind the OpenAI-compatible routes of one replica.
 
-`TextEngine` turns protocol requests into token ids (the tokenizer and chat
-template come from the model folder), runs them through the batch generator
-or the encoder, and answers in the protocol's shapes, streamed as server-sent
-events when asked. It knows nothing of Serve: the deployment routes HTTP to it.
+`GenerationEngine` turns protocol requests into token ids (the tokenizer and chat
+template come from the model folder), runs them through a token generator (the
+runtime's batch generator, or vLLM), and answers in the protocol's types,
+streamed as server-sent events when asked; `EmbeddingEngine` pools an encoder's
+states. They know nothing of Serve or HTTP: the ingress (`serve`) routes to them.
 """
 
 from __future__ import annotations
@@ -44,8 +45,48 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 class TextEngine:
-    """One replica's text routes: a causal LM (`text-generation`), an encoder-decoder (`text2text-generation`)
-    or an encoder (`embeddings`).
+    """What every text engine shares: the model's tokenizer, its name on `/v1/models`, and 404s for the routes
+    of the other tasks. Subclasses serve their task's routes."""
+
+    task: str
+
+    def __init__(self, task: str, folder: Path, name: str) -> None:
+        self.task, self.name = task, name
+        self.created = int(time.time())
+        self.tokenizer = load_tokenizer(folder)
+
+    def use(self, model: nn.Module) -> None:
+        """Serve from a re-attached copy of the weights from now on."""
+
+    def check(self) -> None:
+        """Raise when the engine can no longer serve (Serve then replaces the replica)."""
+
+    def shutdown(self) -> None:
+        """Stop what the engine started (processes, threads)."""
+
+    def info(self) -> dict[str, Any]:
+        return {"task": self.task}
+
+    # --- the routes -------------------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        return api.models_response(self.name, self.created).model_dump()
+
+    async def chat(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
+        raise self._not_served("/v1/chat/completions")
+
+    async def completions(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
+        raise self._not_served("/v1/completions")
+
+    async def embeddings(self, body: Any) -> dict[str, Any]:
+        raise self._not_served("/v1/embeddings")
+
+    def _not_served(self, route: str) -> api.ApiError:
+        return api.ApiError(404, f"{route} is not served by {self.name}, whose task is {self.task}", code="not_found")
+
+
+class GenerationEngine(TextEngine):
+    """Chat and completions from a causal LM (`text-generation`) or an encoder-decoder (`text2text-generation`).
 
     The tokens come from a `TokenGenerator`: the runtime's own batch generator on
     the attached model, or another engine (vLLM) passed in with no model here at all.
@@ -60,39 +101,34 @@ class TextEngine:
         batch: tuple[int, float],
         generator: TokenGenerator | None = None,
     ) -> None:
-        self.task, self.model, self.name = task, model, name
-        self.created = int(time.time())
-        self.tokenizer = load_tokenizer(folder)
+        super().__init__(task, folder, name)
         self.context = generator.context if generator is not None else context_length(model)
         self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        if generator is not None:
-            self.generator: TokenGenerator | None = generator
-        elif task in GENERATION_TASKS:
+        if generator is None:
             assert model is not None
             _check_kind(task, model, self.seq2seq)
             eos = _eos_ids(folder, self.tokenizer)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
-            self.generator = BatchGenerator(
+            generator = BatchGenerator(
                 model, eos, pad, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), *batch
             )
-        else:
-            self.generator = None
-            self.pooling, self.normalize = _pooling(folder)
+        self.generator: TokenGenerator = generator
 
     def use(self, model: nn.Module) -> None:
-        """Serve from a re-attached copy of the weights from now on."""
-        self.model = model
         if isinstance(self.generator, BatchGenerator):
             self.generator.model = model
 
-    # --- the routes -------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        self.generator.check()
 
-    def models(self) -> dict[str, Any]:
-        return api.models_response(self.name, self.created)
+    def shutdown(self) -> None:
+        self.generator.shutdown()
+
+    def info(self) -> dict[str, Any]:
+        return {"task": self.task, "context_length": self.context, **self.generator.info()}
 
     async def chat(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
         request = api.parse(api.ChatCompletionRequest, body)
-        self._needs(GENERATION_TASKS, "/v1/chat/completions")
         if not getattr(self.tokenizer, "chat_template", None):
             raise api.ApiError(400, f"{self.name} has no chat template (chat_template.jinja or tokenizer_config.json)")
         messages = [m.model_dump() for m in request.messages]
@@ -106,11 +142,10 @@ class TextEngine:
             return self._stream_chat(ident, prompt, params)
         results = [await self._complete(prompt, params, i) for i in range(request.n)]
         used = api.usage(len(prompt), sum(n for _, _, n in results))
-        return api.chat_response(ident, self.name, [(t, r) for t, r, _ in results], used)
+        return api.chat_response(ident, self.name, [(t, r) for t, r, _ in results], used).model_dump()
 
     async def completions(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
         request = api.parse(api.CompletionRequest, body)
-        self._needs(GENERATION_TASKS, "/v1/completions")
         prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in request.prompts()]
         ident = api.completion_id("cmpl")
         params_each = [self._params(request, len(p), request.max_tokens or 16) for p in prompts]
@@ -124,39 +159,10 @@ class TextEngine:
                 text, reason, count = await self._complete(prompt, params, i)
                 choices.append((text, reason))
                 generated += count
-        return api.completion_response(ident, self.name, choices, api.usage(sum(map(len, prompts)), generated))
-
-    async def embeddings(self, body: Any) -> dict[str, Any]:
-        request = api.parse(api.EmbeddingRequest, body)
-        self._needs(("embeddings",), "/v1/embeddings")
-        if request.dimensions is not None:
-            raise api.ApiError(400, "dimensions is not supported: the model's embedding size is fixed", "dimensions")
-        # The forward pass runs off the event loop: health checks and other requests are answered meanwhile.
-        return await asyncio.to_thread(self._embed, request)
-
-    def _embed(self, request: api.EmbeddingRequest) -> dict[str, Any]:
-        assert self.model is not None
-        encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            hidden = self.model(**{k: v.to(device) for k, v in encoded.items()}).last_hidden_state
-            vectors = pool(hidden, encoded["attention_mask"].to(device), self.pooling)
-            if self.normalize:
-                vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        tokens = int(encoded["attention_mask"].sum())
-        rows = vectors.float().cpu()
-        if request.encoding_format == "base64":
-            encoded_rows: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode() for row in rows]
-            return api.embeddings_response(self.name, encoded_rows, tokens)
-        return api.embeddings_response(self.name, rows.tolist(), tokens)
+        used = api.usage(sum(map(len, prompts)), generated)
+        return api.completion_response(ident, self.name, choices, used).model_dump()
 
     # --- generation ---------------------------------------------------------------------------------------------
-
-    def _needs(self, tasks: tuple[str, ...], route: str) -> None:
-        if self.task not in tasks:
-            raise api.ApiError(
-                404, f"{route} is not served by {self.name}, whose task is {self.task}", code="not_found"
-            )
 
     def _room(self, prompt_tokens: int) -> int:
         if self.seq2seq:  # the answer has the decoder's positions to itself
@@ -217,9 +223,9 @@ class TextEngine:
                 sent = ready
 
     async def _stream_chat(self, ident: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[str]:
-        yield _event(api.chat_chunk(ident, self.name, 0, {"role": "assistant", "content": ""}, None))
+        yield _event(api.chat_chunk(ident, self.name, 0, api.ChatDelta(role="assistant", content=""), None))
         async for text, reason in self._deltas(prompt, params):
-            yield _event(api.chat_chunk(ident, self.name, 0, {"content": text} if text else {}, reason))
+            yield _event(api.chat_chunk(ident, self.name, 0, api.ChatDelta(content=text or None), reason))
         yield "data: [DONE]\n\n"
 
     async def _stream_completion(self, ident: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[str]:
@@ -227,8 +233,44 @@ class TextEngine:
             yield _event(api.completion_chunk(ident, self.name, 0, text, reason))
         yield "data: [DONE]\n\n"
 
+
+class EmbeddingEngine(TextEngine):
+    """`/v1/embeddings` from an encoder, pooled as its sentence-transformers files say."""
+
+    def __init__(self, model: nn.Module, folder: Path, name: str) -> None:
+        super().__init__("embeddings", folder, name)
+        self.model = model
+        self.context = context_length(model)
+        self.pooling, self.normalize = _pooling(folder)
+
+    def use(self, model: nn.Module) -> None:
+        self.model = model
+
     def info(self) -> dict[str, Any]:
-        return {"task": self.task, "context_length": self.context, **(self.generator.info() if self.generator else {})}
+        return {"task": self.task, "context_length": self.context}
+
+    async def embeddings(self, body: Any) -> dict[str, Any]:
+        request = api.parse(api.EmbeddingRequest, body)
+        if request.dimensions is not None:
+            raise api.ApiError(400, "dimensions is not supported: the model's embedding size is fixed", "dimensions")
+        # The forward pass runs off the event loop: health checks and other requests are answered meanwhile.
+        return await asyncio.to_thread(self._embed, request)
+
+    def _embed(self, request: api.EmbeddingRequest) -> dict[str, Any]:
+        assert self.model is not None
+        encoded = self.tokenizer(request.texts(), padding=True, truncation=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            hidden = self.model(**{k: v.to(device) for k, v in encoded.items()}).last_hidden_state
+            vectors = pool(hidden, encoded["attention_mask"].to(device), self.pooling)
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        tokens = int(encoded["attention_mask"].sum())
+        rows = vectors.float().cpu()
+        if request.encoding_format == "base64":
+            encoded_rows: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode() for row in rows]
+            return api.embeddings_response(self.name, encoded_rows, tokens).model_dump()
+        return api.embeddings_response(self.name, rows.tolist(), tokens).model_dump()
 
 
 def _check_kind(task: str, model: nn.Module, seq2seq: bool) -> None:
@@ -245,8 +287,8 @@ def _check_kind(task: str, model: nn.Module, seq2seq: bool) -> None:
             raise CheckpointError(f"{kind}: {exc}") from None
 
 
-def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\n"
+def _event(body: api.ChatCompletionChunk | api.Completion) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import delete_model, release_model
 from tests.models import MLP
-from zerocopy_runtime._errors import ZeroCopyError
+from zerocopy_runtime import ZeroCopyError
 from zerocopy_runtime._owner import NAMESPACE, actor_name, published_names
 from zerocopy_runtime.config import AppArgs
 
@@ -74,7 +74,7 @@ def __getattr__(name: str) -> Any:
     """
     if name != "gated_tensor_handler":
         raise AttributeError(name)
-    from zerocopy_runtime.handlers import tensor_handler
+    from zerocopy_runtime.tensor_codec import tensor_handler
 
     try:
         gate = ray.get_actor(GATE[0], namespace=GATE[1])
@@ -392,18 +392,22 @@ def test_health_check_leaves_no_replica_on_a_replaced_owners_copy(ray_session: N
     the same name; a replica whose next health check finds that new owner must not pass while still
     serving from the dead owner's copy (two copies in the store for good, /-/info naming a dead owner).
     """
-    from zerocopy_runtime.serve import ZeroCopyDeployment, find_or_publish
+    from zerocopy_runtime import ReplicaWeights, find_or_publish
+    from zerocopy_runtime._architecture import architecture_factory
 
     _, path = checkpoint(tmp_path, seed=3)
-    replica = ZeroCopyDeployment.func_or_class(app_args(path, write_guard=False))  # a replica, in this process
+    args = AppArgs.model_validate(app_args(path, write_guard=False))
+    assert args.model.architecture is not None
+    factory = architecture_factory(args.model.architecture, path.parent, args.model.dtype)
+    replica = ReplicaWeights(args, factory, "cpu")  # a replica's weights, in this process
     try:
-        replica.check_health()
+        replica.check()
         dead = [ref.hex() for ref in replica.published.refs]
         ray.kill(ray.get_actor(actor_name(replica.published.name), namespace=NAMESPACE))
         republished = find_or_publish(replica.args)  # what the first replica to notice does
         assert [ref.hex() for ref in republished.refs] != dead
         try:
-            replica.check_health()
+            replica.check()
         except (ZeroCopyError, RuntimeError):
             return  # failed: Serve restarts it, and the new replica attaches to the new copy
         assert [ref.hex() for ref in replica.published.refs] == [ref.hex() for ref in republished.refs], (
@@ -420,10 +424,10 @@ def test_replica_waiting_for_a_stalled_publish_gives_up_at_its_deadline(ray_sess
     The winner's checkpoint read hangs (a FIFO stands for a stuck network filesystem); a replica
     that lost the race must give up with the error that names the problem, not wait for ever.
     """
+    from zerocopy_runtime import find_or_publish
     from zerocopy_runtime._owner import start_owner
     from zerocopy_runtime._source import revision
     from zerocopy_runtime.contract import weights_name
-    from zerocopy_runtime.serve import find_or_publish
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -577,3 +577,108 @@ def test_without_kuberay_the_operator_says_so_and_stops(request: pytest.FixtureR
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0
     assert "KubeRay's CRD rayservices.ray.io is not installed" in out.stdout + out.stderr
+
+
+class _CuttableProxy:
+    """A TCP proxy in front of the API server that a test can cut: every open connection closed at once and new
+    ones dropped on arrival (counted), until it is restored. TLS passes through untouched."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_at: float | None = None
+        self.dropped = 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.cut_at = time.monotonic()
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def restore(self) -> None:
+        with self._lock:
+            self.cut_at = None
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self.cut_at is not None:
+                    self.dropped += 1
+                    client.close()
+                    continue
+                server = socket.create_connection(self.upstream)
+                self._open.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_a_dropped_connection_to_the_api_server_mid_reconcile_is_retried_until_the_model_is_ready(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The API server goes away in the middle of a reconcile (between reading a replica's /-/info and writing
+    the status): the operator retries on its own and the model reaches Ready, with no spec change."""
+    with _own_control_plane(request, tmp_path) as cluster:
+        own = cluster.new_namespace("dropped")
+        kubeconfig = yaml.safe_load(chart_account(cluster, tmp_path).read_text())
+        entry = kubeconfig["clusters"][0]["cluster"]
+        host, _, port = entry["server"].removeprefix("https://").rpartition(":")
+        proxy = _CuttableProxy((host, int(port)))
+        entry["server"] = f"https://{host}:{proxy.port}"
+        proxied = tmp_path / "proxied.kubeconfig"
+        proxied.write_text(yaml.safe_dump(kubeconfig))
+
+        class CutOnFirstInfo(_Info):
+            """The first /-/info answers, and the API server is gone for whoever asked."""
+
+            def do_GET(self) -> None:
+                if proxy.cut_at is None and not proxy.dropped:
+                    proxy.cut()
+                super().do_GET()
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), CutOnFirstInfo)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        info_url = f"http://127.0.0.1:{server.server_address[1]}{{route}}/-/info"
+        operator = Operator(cluster, proxied, info_url, tmp_path / "operator.log", namespaces=(own,))
+        try:
+            with running_operator(operator):
+                _apply(cluster, own, _model("alpha"))
+                eventually(lambda: _get(cluster, own, "rayservice", "alpha"), what="RayService alpha")
+                _play_kuberay(cluster, own, "alpha")  # Ready: the next reconcile reads /-/info, and the cut comes
+                eventually(lambda: proxy.dropped >= 1, what="the operator to find the API server gone")
+                assert _condition(_get(cluster, own, "zcm", "alpha")).get("status") != "True"
+                proxy.restore()
+                model = eventually(
+                    lambda: _condition(m := _get(cluster, own, "zcm", "alpha")).get("status") == "True" and m,
+                    timeout=90,
+                    what="alpha Ready after the API server came back",
+                )
+                assert model["status"]["weights"]["revision"] == INFO.revision
+                assert model["metadata"]["generation"] == 1  # no spec change brought it back
+                log = operator.log.read_text(errors="replace")
+                assert "retrying" in log
+                assert "OperatorError" not in log
+        finally:
+            server.shutdown()
+            proxy.close()

@@ -334,7 +334,7 @@ def _concurrently(url: str, bodies: list[dict]) -> list[tuple[int, Any]]:
 
 def test_served_causal_lm_equals_the_model_run_directly_alone_and_batched(app: Any, tmp_path: Path) -> None:
     """The README's request forms on a Llama model: one sequence per request, the replica batching them."""
-    from tests.unit.test_handlers import tiny_llama
+    from tests.unit.test_tensor_codec import tiny_llama
 
     model = tiny_llama()
     model.save_pretrained(tmp_path / "llama")
@@ -365,7 +365,7 @@ def test_served_causal_lm_equals_the_model_run_directly_alone_and_batched(app: A
 
 
 def test_served_encoder_with_padding_equals_the_model_run_directly(app: Any, tmp_path: Path) -> None:
-    from tests.unit.test_handlers import tiny_bert
+    from tests.unit.test_tensor_codec import tiny_bert
 
     model = tiny_bert()
     model.save_pretrained(tmp_path / "bert")

@@ -170,10 +170,9 @@ def test_a_model_deleted_at_zero_replicas_has_its_copy_released_by_the_other_mod
     import ray
 
     import zerocopy_runtime as zc
-    from zerocopy_runtime import published_names
+    from zerocopy_runtime import find_or_publish, published_names
     from zerocopy_runtime._owner import actor_name
     from zerocopy_runtime.config import AppArgs
-    from zerocopy_runtime.serve import find_or_publish
 
     a, b = NAMES
     _deploy([_application(b, tmp_path, healthCheckPeriodS=1)])

@@ -69,8 +69,8 @@ class Probe:
         """What a replica of a remote model does: find (or publish) the weights, get the model folder, attach."""
         import zerocopy_runtime as zc
         from tests.models import MLP
+        from zerocopy_runtime import find_or_publish, model_files
         from zerocopy_runtime.config import AppArgs
-        from zerocopy_runtime.serve import find_or_publish, model_files
 
         parsed = AppArgs.model_validate(args)
         published = find_or_publish(parsed)
@@ -311,7 +311,7 @@ def remote_phase(checkpoint: Path, work: Path, x: torch.Tensor, expected: torch.
                 "read": {path: sent[path] - before.get(path, 0) for path in sent if sent[path] != before.get(path, 0)},
             }
             ray.kill(probe)
-    from zerocopy_runtime.serve import release_model
+    from zerocopy_runtime import release_model
 
     release_model("remote-mlp")
     return out

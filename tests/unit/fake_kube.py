@@ -24,6 +24,7 @@ import copy
 import datetime
 import itertools
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -84,6 +85,7 @@ class FakeKube(Kube):
         self.models: dict[Key, dict[str, Any]] = {}
         self.clusters: dict[Key, dict[str, Any]] = {}
         self.calls: list[Call] = []
+        self.events: list[tuple[str, str, str, str]] = []
         #: By method, what each of its next calls does: raise the error, or (None) answer as usual.
         self._failures: dict[str, list[BaseException | None]] = {}
         self._versions = itertools.count(1)
@@ -204,6 +206,11 @@ class FakeKube(Kube):
     def patch_cluster_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self._call("patch_cluster_status", namespace, name, status)
         self._patch(self.clusters, namespace, name, {"status": status})
+
+    def post_event(self, resource: Mapping[str, Any], type: str, reason: str, message: str, at: str) -> None:
+        """Events are kept as (name, type, reason, message), in order."""
+        self._call("post_event", resource["metadata"]["name"], type, reason, message)
+        self.events.append((resource["metadata"]["name"], type, reason, message))
 
     def annotate_model(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self._call("annotate_model", namespace, name, annotations)

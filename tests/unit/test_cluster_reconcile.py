@@ -230,13 +230,6 @@ def test_only_changed_statuses_are_written(kube: FakeKube, monkeypatch: pytest.M
     assert (ready["status"], ready["lastTransitionTime"]) == ("True", later)
 
 
-def test_write_leaves_the_clusters_status_to_its_handler_when_told(kube: FakeKube) -> None:
-    outcome = cl.reconcile_cluster(kube, _cluster(kube), SETTINGS)
-    cl.write(kube, NAMESPACE, _cluster(kube), outcome, own=False)
-    assert kube.called("patch_cluster_status") == []
-    assert len(kube.called("patch_model_status")) == 2
-
-
 def test_holding_names_the_clusters_whose_status_lists_the_model(kube: FakeKube) -> None:
     assert cl.holding(kube, NAMESPACE, "chat") == []  # not reconciled yet: no status lists it
     cl.sync_cluster(kube, NAMESPACE, "shared", SETTINGS)
@@ -251,11 +244,11 @@ def test_holding_names_the_clusters_whose_status_lists_the_model(kube: FakeKube)
 def test_changed_ignores_transition_times_and_treats_null_as_absent() -> None:
     condition = {"type": "Ready", "status": "True", "reason": "Serving", "message": ""}
     old = {"phase": "Ready", "conditions": [{**condition, "lastTransitionTime": "2026-01-01T00:00:00Z"}], "x": 1}
-    assert not cl.changed(old, {"phase": "Ready", "conditions": [{**condition, "lastTransitionTime": "later"}]})
-    assert not cl.changed(old, {"endpoint": None})  # already absent
-    assert cl.changed(old, {"x": None})  # would remove x
-    assert cl.changed(old, {"conditions": [{**condition, "status": "False"}]})
-    assert not cl.changed(old, {})
+    assert not rc.changed(old, {"phase": "Ready", "conditions": [{**condition, "lastTransitionTime": "later"}]})
+    assert not rc.changed(old, {"endpoint": None})  # already absent
+    assert rc.changed(old, {"x": None})  # would remove x
+    assert rc.changed(old, {"conditions": [{**condition, "status": "False"}]})
+    assert not rc.changed(old, {})
 
 
 def test_a_cluster_rayservice_owned_by_something_else_is_not_ours(kube: FakeKube) -> None:

@@ -318,7 +318,7 @@ def test_sample_request_fits_the_examples_model(where: str, resource: dict[str, 
         return
     import torch
 
-    from zerocopy_runtime.handlers import tensor_handler
+    from zerocopy_runtime.tensor_codec import tensor_handler
 
     module_name, function = architecture["factory"].split(":")
     sys.path.insert(0, str(ROOT / "examples"))

@@ -13,7 +13,7 @@ import torch
 from tests.text_models import causal_lm_folder, seq2seq_folder
 from zerocopy_runtime import CheckpointError
 from zerocopy_runtime.generation import BatchGenerator, SamplingParams
-from zerocopy_runtime.text import TextEngine
+from zerocopy_runtime.text import GenerationEngine
 
 PROMPTS = ["hello world", "the weights are published once per node", "a chat", "tokens stream back"]
 
@@ -81,6 +81,6 @@ def test_a_task_that_does_not_fit_the_model_is_a_start_up_error(tmp_path: Path) 
     t5, _ = seq2seq_folder(tmp_path / "t5")
     llama, _ = causal_lm_folder(tmp_path / "llama")
     with pytest.raises(CheckpointError, match="encoder-decoder model: serve it with task: text2text-generation"):
-        TextEngine("text-generation", t5, tmp_path / "t5", "t5", (1, 0.0))
+        GenerationEngine("text-generation", t5, tmp_path / "t5", "t5", (1, 0.0))
     with pytest.raises(CheckpointError, match="not an encoder-decoder model: serve it with task: text-generation"):
-        TextEngine("text2text-generation", llama, tmp_path / "llama", "llama", (1, 0.0))
+        GenerationEngine("text2text-generation", llama, tmp_path / "llama", "llama", (1, 0.0))

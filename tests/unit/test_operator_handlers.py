@@ -30,6 +30,7 @@ from tests.unit.fake_kube import NAMESPACE, FakeKube, closed_port, kuberay_statu
 from zerocopy_operator import handlers
 from zerocopy_operator import reconcile as rc
 from zerocopy_operator.kube import Kube
+from zerocopy_operator.work_queue import Key
 
 pytestmark = pytest.mark.unit
 
@@ -37,10 +38,22 @@ LOGGER = logging.getLogger("tests.handlers")
 # The handlers as the plain functions they are: kopf's decorators type them as callbacks taking every kwarg kopf passes.
 reconcile_model: Callable[..., object] = handlers.reconcile_model
 reconcile_cluster: Callable[..., object] = handlers.reconcile_cluster
-rayservice_event: Callable[..., object] = handlers.rayservice_event
-cluster_rayservice_event: Callable[..., object] = handlers.cluster_rayservice_event
-cluster_event: Callable[..., object] = handlers.cluster_event
-model_event: Callable[..., object] = handlers.model_event
+
+
+def _then_work(handler: Callable[..., object]) -> Callable[..., None]:
+    """An event handler as kopf calls it, then the work queue's worker working off what it enqueued."""
+
+    def call(**kwargs: Any) -> None:
+        handler(**kwargs)
+        kwargs["memo"].queue.run_due()
+
+    return call
+
+
+rayservice_event = _then_work(handlers.rayservice_event)
+cluster_rayservice_event = _then_work(handlers.cluster_rayservice_event)
+cluster_event = _then_work(handlers.cluster_event)
+model_event = _then_work(handlers.model_event)
 start: Callable[..., object] = handlers.start
 
 
@@ -72,26 +85,27 @@ def posted(monkeypatch: pytest.MonkeyPatch) -> list[Posted]:
 @pytest.fixture
 def memo() -> SimpleNamespace:
     settings = rc.Settings(default_image="runtime:test", info_url="http://127.0.0.1:9/{route}")
-    return SimpleNamespace(kube=FakeKube(), settings=settings)
+    memo = SimpleNamespace(kube=FakeKube(), settings=settings)
+    memo.queue = handlers.new_queue(memo)
+    return memo
 
 
-def _reconcile_model(memo: SimpleNamespace, name: str) -> kopf.Patch:
-    """Run the model's create/update handler on what the API holds, then apply its patch as kopf would."""
+def _reconcile_model(memo: SimpleNamespace, name: str) -> None:
+    """Run the model's create/update handler on what the API holds, then the work it enqueued."""
+    _handle(memo, reconcile_model, _model(memo, name))
+
+
+def _reconcile_cluster(memo: SimpleNamespace, name: str = "shared") -> None:
+    _handle(memo, reconcile_cluster, _stored(memo.kube.clusters, name))
+
+
+def _handle(memo: SimpleNamespace, handler: Callable[..., object], resource: dict[str, Any]) -> None:
     patch = kopf.Patch()
     try:
-        reconcile_model(body=_body(_model(memo, name)), patch=patch, memo=memo)
+        handler(body=_body(resource), patch=patch, memo=memo)
     finally:
-        _apply(memo.kube.models, name, patch)
-    return patch
-
-
-def _reconcile_cluster(memo: SimpleNamespace, name: str = "shared") -> kopf.Patch:
-    patch = kopf.Patch()
-    try:
-        reconcile_cluster(body=_body(_stored(memo.kube.clusters, name)), patch=patch, memo=memo)
-    finally:
-        _apply(memo.kube.clusters, name, patch)
-    return patch
+        memo.queue.run_due()
+        assert dict(patch) == {}, "a status goes through reconcile.write_status, never kopf's patch"
 
 
 def _body(resource: dict[str, Any]) -> kopf.Body:
@@ -173,10 +187,11 @@ def test_the_real_client_raises_no_api_exception_when_the_api_server_is_away() -
 
 def test_a_model_gets_its_rayservice_an_event_and_a_status(memo: SimpleNamespace, posted: list[Posted]) -> None:
     memo.kube.add_model(model("alpha"))
-    patch = _reconcile_model(memo, "alpha")
+    _reconcile_model(memo, "alpha")
     assert (NAMESPACE, "alpha") in memo.kube.rayservices
     assert posted == [Posted("alpha", "Normal", "Created", "RayService alpha created")]
-    assert (patch["status"]["phase"], patch["status"]["observedGeneration"]) == ("Provisioning", 1)
+    status = _model(memo, "alpha")["status"]
+    assert (status["phase"], status["observedGeneration"]) == ("Provisioning", 1)
 
     memo.kube.forget_calls()
     _reconcile_model(memo, "alpha")  # a resume after a restart: nothing to do, nothing said
@@ -196,7 +211,7 @@ def test_a_bad_spec_is_a_permanent_error_with_a_condition_and_a_warning(
     (warning,) = posted
     assert (warning.type, warning.reason, warning.message) == ("Warning", "InvalidSpec", _ready(status)["message"])
     assert memo.kube.rayservices == {}
-    assert memo.kube.writes() == []  # the status goes in kopf's own patch
+    assert [c.method for c in memo.kube.writes()] == ["patch_model_status"]  # the status, and nothing else
 
 
 def test_a_bug_is_an_operator_error_reported_once(memo: SimpleNamespace, posted: list[Posted]) -> None:
@@ -318,14 +333,16 @@ def test_a_model_moving_onto_a_cluster_and_back(memo: SimpleNamespace, posted: l
     own = memo.kube.add_model(model("alpha"))
     _reconcile_model(memo, "alpha")
     posted.clear()
+    memo.kube.forget_calls()
 
     _edit(memo, "alpha", _on_cluster(own))
-    patch = _reconcile_model(memo, "alpha")
+    _reconcile_model(memo, "alpha")
     assert (NAMESPACE, "alpha") not in memo.kube.rayservices  # its own RayService is given up
     assert memo.kube.called("delete_rayservice") == [(NAMESPACE, "alpha")]
     assert _serve_config(memo, "shared") == ["alpha"]
     assert posted == [Posted("alpha", "Normal", "Scheduled", "serving on ZeroCopyCluster shared")]
-    assert dict(patch) == {}  # the cluster's reconciliation wrote the model's status
+    # The cluster's reconciliation wrote the model's status, once.
+    assert [c.args[1] for c in memo.kube.calls if c.method == "patch_model_status"] == ["alpha"]
     status = _model(memo, "alpha")["status"]
     assert (status["cluster"], status["observedGeneration"]) == ("shared", 2)
     assert status["endpoint"] == f"http://shared-serve-svc.{NAMESPACE}.svc:8000/alpha"
@@ -389,11 +406,11 @@ def test_a_cluster_gets_its_rayservice_and_writes_its_models_statuses(
     memo: SimpleNamespace, posted: list[Posted]
 ) -> None:
     memo.kube.add(*shared_cluster())
-    patch = _reconcile_cluster(memo)
+    _reconcile_cluster(memo)
     assert _serve_config(memo, "shared") == ["chat", "minilm"]
     assert posted == [Posted("shared", "Normal", "Created", "RayService shared created")]
-    assert patch["status"]["modelsReady"] == "0/2"
-    assert memo.kube.called("patch_cluster_status") == []  # its own status goes in kopf's patch
+    assert _stored(memo.kube.clusters, "shared")["status"]["modelsReady"] == "0/2"
+    assert len(memo.kube.called("patch_cluster_status")) == 1
     assert {c[1] for c in memo.kube.called("patch_model_status")} == {"chat", "minilm"}
 
 
@@ -451,7 +468,7 @@ def test_a_rayservice_deleted_by_hand_is_restored(memo: SimpleNamespace, posted:
     restored = memo.kube.rayservices[(NAMESPACE, "alpha")]
     assert restored["metadata"]["uid"] != original["metadata"]["uid"]
     assert restored["spec"] == original["spec"]
-    assert posted == [Posted("alpha", "Normal", "Restored", "RayService alpha created after a change by hand")]
+    assert memo.kube.events == [("alpha", "Normal", "Restored", "RayService alpha created after a change by hand")]
 
 
 def test_a_rayservice_edited_by_hand_is_put_back(memo: SimpleNamespace, posted: list[Posted]) -> None:
@@ -462,7 +479,7 @@ def test_a_rayservice_edited_by_hand_is_put_back(memo: SimpleNamespace, posted: 
     posted.clear()
     rayservice_event(event=_event("MODIFIED", memo.kube.rayservices[(NAMESPACE, "alpha")]), memo=memo, logger=LOGGER)
     assert memo.kube.rayservices[(NAMESPACE, "alpha")]["spec"] == original
-    assert [p.reason for p in posted] == ["Restored"]
+    assert [reason for _, _, reason, _ in memo.kube.events] == ["Restored"]
 
 
 def test_kuberays_progress_is_mirrored_once(memo: SimpleNamespace, posted: list[Posted]) -> None:
@@ -502,10 +519,11 @@ def test_a_failure_while_mirroring_is_logged_not_raised(
     memo.kube.add_model(model("alpha"))
     _reconcile_model(memo, "alpha")
     memo.kube.fail("list_models", DROPPED["refused"])
-    with caplog.at_level(logging.WARNING, logger=LOGGER.name):
+    with caplog.at_level(logging.WARNING):
         rayservice_event(event=_event("DELETED", {"metadata": {"namespace": NAMESPACE, "labels": {
             "zerocopy.dev/model": "alpha"}}}), memo=memo, logger=LOGGER)  # fmt: skip
-    assert "Not mirroring RayService models/alpha" in caplog.text
+    assert "Reconciling ZeroCopyModel models/alpha failed" in caplog.text
+    assert memo.queue.pending() == [Key("model", NAMESPACE, "alpha")]  # retried after a back-off
 
 
 def test_a_deleted_model_leaves_its_cluster(shared: SimpleNamespace) -> None:
@@ -544,9 +562,10 @@ def test_a_failure_retrying_refused_models_is_logged_not_raised(
     with pytest.raises(kopf.PermanentError):
         _reconcile_model(memo, "refused")
     memo.kube.fail("list_models", error, after=after)
-    with caplog.at_level(logging.WARNING, logger=handlers.__name__):
+    with caplog.at_level(logging.WARNING):
         model_event(event=_event("DELETED", model("gone")), memo=memo)
-    assert "Not retrying refused models in models" in caplog.text
+    assert "Reconciling the refused models of namespace models failed" in caplog.text
+    assert memo.queue.pending() == [Key("refused", NAMESPACE)]
 
 
 def test_a_deleted_cluster_leaves_its_models_waiting(shared: SimpleNamespace) -> None:
@@ -565,7 +584,8 @@ def test_kuberays_progress_on_a_cluster_reaches_its_models(shared: SimpleNamespa
     assert _model(shared, "minilm")["status"]["phase"] == "Provisioning"
     assert shared.kube.clusters[(NAMESPACE, "shared")]["status"]["modelsReady"] == "1/2"
     shared.kube.fail("get_cluster", DROPPED["reset"])
-    cluster_rayservice_event(event=event, memo=shared)  # logged: the next event tries again
+    cluster_rayservice_event(event=event, memo=shared)  # logged, and tried again after a back-off
+    assert shared.queue.pending() == [Key("cluster", NAMESPACE, "shared")]
 
 
 # start

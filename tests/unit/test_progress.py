@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from zerocopy_runtime.local import ProgressLine
+from zerocopy_runtime.local_serve import ProgressLine
 
 pytestmark = pytest.mark.unit
 

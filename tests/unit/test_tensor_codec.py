@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import same_bits
 from tests.models import MLP
-from zerocopy_runtime.handlers import BadRequest, decode, encode, load_handler, tensor_handler
+from zerocopy_runtime.tensor_codec import BadRequest, decode, encode, load_handler, tensor_handler
 
 pytestmark = pytest.mark.unit
 
