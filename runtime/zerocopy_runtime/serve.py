@@ -17,7 +17,7 @@ Routes, under the application's route prefix:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -150,19 +150,67 @@ class ZeroCopyDeployment:
 
     @app.get("/v1/models")
     async def models(self) -> Response:
-        return await self._openai(lambda _: self._text("/v1/models").models())
+        try:
+            return JSONResponse(self._text("/v1/models").models())
+        except ApiError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
-        return await self._openai(self._text("/v1/chat/completions").chat, request)
+        return await self._http("chat", request)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._openai(self._text("/v1/completions").completions, request)
+        return await self._http("completions", request)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
-        return await self._openai(self._text("/v1/embeddings").embeddings, request)
+        return await self._http("embeddings", request)
+
+    async def openai(self, route: str, body: Any) -> AsyncIterator[dict[str, Any] | str]:
+        """An OpenAI route called through a deployment handle (the cluster's `router`), streamed: first
+        `{"status", "body"}`, or `{"stream": true}` and then the stream's server-sent events."""
+        try:
+            answer = await self._answer(route, body)
+        except ApiError as exc:
+            yield {"status": exc.status, "body": exc.body()}
+            return
+        if isinstance(answer, dict):
+            yield {"status": 200, "body": answer}
+            return
+        yield {"stream": True}
+        async for event in answer:
+            yield event
+
+    async def _http(self, route: str, request: Request) -> Response:
+        """An OpenAI route over HTTP: errors in OpenAI's shape, streams as server-sent events."""
+        try:
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                self.metrics.request(error="bad_request")
+                raise ApiError(400, f"the body is not JSON: {exc}") from None
+            answer = await self._answer(route, body)
+        except ApiError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        return StreamingResponse(answer, media_type="text/event-stream")
+
+    async def _answer(self, route: str, body: Any) -> dict[str, Any] | AsyncIterator[str]:
+        """The engine's answer to one OpenAI request (`route`: chat, completions or embeddings), counted."""
+        try:
+            if route == "chat":
+                answer: dict[str, Any] | AsyncIterator[str] = await self._text("/v1/chat/completions").chat(body)
+            elif route == "completions":
+                answer = await self._text("/v1/completions").completions(body)
+            else:
+                answer = await self._text("/v1/embeddings").embeddings(body)
+        except ApiError as exc:
+            self.metrics.request(error="bad_request" if exc.status < 500 else "internal")
+            raise
+        self.metrics.request()
+        return answer
 
     def _text(self, route: str) -> TextEngine:
         """The text engine, or a 404 saying that this is a tensor model."""
@@ -172,25 +220,6 @@ class ZeroCopyDeployment:
             404, f"{route} is not served by {self.args.name}, whose task is tensor: POST JSON tensors to its route",
             code="not_found",
         )  # fmt: skip
-
-    async def _openai(self, route: Callable[[Any], Any], request: Request | None = None) -> Response:
-        """Run an OpenAI route: the body parsed as JSON, errors in OpenAI's shape, streams as server-sent events."""
-        try:
-            body = None
-            if request is not None:
-                try:
-                    body = await request.json()
-                except ValueError as exc:
-                    raise ApiError(400, f"the body is not JSON: {exc}") from None
-            result = route(body)
-            answer: Any = await result if isinstance(result, Awaitable) else result
-        except ApiError as exc:
-            self.metrics.request(error="bad_request" if exc.status < 500 else "internal")
-            return JSONResponse(exc.body(), status_code=exc.status)
-        self.metrics.request()
-        if isinstance(answer, dict):
-            return JSONResponse(answer)
-        return StreamingResponse(answer, media_type="text/event-stream")
 
     # --- what Serve and the operator call -----------------------------------------------------------------------
 

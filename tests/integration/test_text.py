@@ -210,3 +210,65 @@ def test_an_encoder_decoder_answers_chats_batched_as_its_own_generate_does(text2
         assert reply.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
         assert reply.usage.completion_tokens == len(expected)
     assert _info(url)["largest_batch"] > 1
+
+
+@pytest.fixture
+def router(
+    chat: tuple[str, Any, Any], encoder: tuple[str, Any, Any], serve_port: int
+) -> Iterator[tuple[str, str, str]]:
+    """The OpenAI router at `/` in front of `chat` and `enc`, and of `late`, a model whose application does
+    not run: (router URL, chat URL, encoder URL)."""
+    from ray import serve
+
+    from zerocopy_runtime.router import ROUTER_APP, build_router
+
+    models = [
+        {"name": "chat", "application": "chat", "task": "text-generation"},
+        {"name": "enc", "application": "enc", "task": "embeddings"},
+        {"name": "late", "application": "late", "task": "text-generation"},
+    ]
+    serve.run(build_router({"models": models}), name=ROUTER_APP, route_prefix="/")
+    yield f"http://127.0.0.1:{serve_port}", chat[0], encoder[0]
+    serve.delete(ROUTER_APP)
+
+
+def test_one_endpoint_routes_by_model_to_every_model_streaming_included(router: tuple[str, str, str]) -> None:
+    base, chat_url, enc_url = router
+    client = _client(base)
+    assert sorted(m.id for m in client.models.list().data) == ["chat", "enc"]  # `late` is not ready: not listed
+    ask = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    routed = client.chat.completions.create(model="chat", **ask)
+    direct = _client(chat_url).chat.completions.create(model="chat", **ask)
+    assert routed.choices[0].message.content == direct.choices[0].message.content
+    assert routed.model == "chat"
+    streamed = client.chat.completions.create(model="chat", stream=True, **ask)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == direct.choices[0].message.content
+    completion = client.completions.create(model="chat", prompt="hello", max_tokens=4, temperature=0)
+    assert (
+        completion.choices[0].text
+        == _client(chat_url)
+        .completions.create(model="chat", prompt="hello", max_tokens=4, temperature=0)
+        .choices[0]
+        .text
+    )
+    vectors = client.embeddings.create(model="enc", input=["hello world"]).data[0].embedding
+    assert vectors == _client(enc_url).embeddings.create(model="enc", input=["hello world"]).data[0].embedding
+
+
+def test_the_endpoint_names_the_models_that_do_when_a_request_cannot_be_routed(router: tuple[str, str, str]) -> None:
+    base, _, _ = router
+    status, body = _post(base + "/v1/chat/completions", {"model": "nope", "messages": MESSAGES})
+    assert (status, body["error"]["code"]) == (404, "model_not_found")
+    assert "chat, late" in body["error"]["message"]
+    status, body = _post(base + "/v1/embeddings", {"model": "chat", "input": "x"})
+    assert status == 400
+    assert (
+        "chat is a text-generation model and does not serve /v1/embeddings; models that do: enc"
+        in body["error"]["message"]
+    )
+    status, body = _post(base + "/v1/chat/completions", {"model": "late", "messages": MESSAGES})
+    assert (status, body["error"]["code"]) == (503, "model_not_ready")
+    status, body = _post(base + "/v1/chat/completions", {"messages": MESSAGES})
+    assert (status, body["error"]["param"]) == (400, "model")
+    status, body = _post(base + "/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "max_tokens": 1000})
+    assert (status, body["error"]["code"]) == (400, "context_length_exceeded")  # the model's own error, passed on
