@@ -454,6 +454,9 @@ class ZeroCopyClusterStatus(_Spec):
     conditions: list[Condition] = Field(default_factory=list, description="Ready first, then ClusterReady.")
     ray_service: str | None = Field(default=None, description="The RayService the cluster runs as.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of its Serve service; models add routes.")
+    openai_base_url: str | None = Field(
+        default=None, description="base_url for OpenAI clients: every text model of the cluster, by model name."
+    )
     models: list[ClusterModel] = Field(default_factory=list)
     models_ready: str | None = Field(default=None, description="Models serving / models naming it, for `kubectl get`.")
     object_store: list[ObjectStoreUse] = Field(default_factory=list)

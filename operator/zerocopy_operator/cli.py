@@ -113,7 +113,9 @@ def serve_files(
     The models share one Ray and one Serve, as on a ZeroCopyCluster (whose documents are skipped here: the
     local machine is the cluster); routes must differ, as on a cluster.
     """
-    from .manifests import build_serve_application
+    from zerocopy_runtime.contract import router_route
+
+    from .manifests import build_router_application, build_serve_application
     from .resources import route_prefix
 
     documents = [(path, _namespaced(doc)) for path, doc in read_resources(paths)]
@@ -141,8 +143,23 @@ def serve_files(
         raise UserError(
             f"`zerocopy serve` needs the runtime ({exc.name} is missing): pip install 'zerocopy-operator[runtime]'"
         ) from None
+    # Several models: one OpenAI endpoint in front of their text models too, as a ZeroCopyCluster has.
+    router = build_router_application(applications) if len(applications) > 1 else None
+    if router is not None:
+        taken = [a["route_prefix"] for a in applications if router_route(a["route_prefix"])]
+        if taken:
+            raise UserError(
+                f"route prefix {taken[0]} is the OpenAI endpoint of several models served together (/ and /v1 route "
+                "by the request's model): set another serving.routePrefix"
+            )
     serve_applications(
-        applications, folders.pop(), address=address, host=host, port=port, dashboard_port=dashboard_port
+        applications,
+        folders.pop(),
+        address=address,
+        host=host,
+        port=port,
+        dashboard_port=dashboard_port,
+        router=router,
     )
 
 

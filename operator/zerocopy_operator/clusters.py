@@ -17,7 +17,7 @@ import yaml
 from pydantic.alias_generators import to_camel
 
 from .kube import Kube
-from .manifests import build_cluster_rayservice
+from .manifests import build_cluster_rayservice, build_router_application
 from .placement import ClusterPlan, Member, cluster_ref, members_of, plan_cluster
 from .reconcile import Settings, adopt, apply_desired, now, observe, owns, write_status
 from .resources import serve_url
@@ -61,7 +61,9 @@ def reconcile_cluster(kube: Kube, resource: dict[str, Any], settings: Settings) 
     rayservice = current if action == "unchanged" else kube.get_rayservice(namespace, name)
     statuses = {m.name: member_status(kube, m, settings, rayservice) for m in plan.members}
     entries = [model_entry(m, statuses[m.name], rayservice) for m in plan.members]
-    status = cluster_status(resource, spec, rayservice, entries, store_use(plan), serve_url(namespace, name), now())
+    openai = build_router_application(plan.applications) is not None
+    url = serve_url(namespace, name)
+    status = cluster_status(resource, spec, rayservice, entries, store_use(plan), url, now(), openai)
     return ClusterOutcome(action, status, statuses)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from zerocopy_runtime.config import AppArgs, ModelSource, ReplicaSettings, fields_of
+from zerocopy_runtime.contract import ROUTER_APP, ROUTER_DEPLOYMENT, ROUTER_IMPORT_PATH, RoutedModel, RouterArgs
 
 from . import quantity
 from .api import (
@@ -62,10 +63,12 @@ def build_cluster_rayservice(
 
     Applications are sorted by name, so the same models always give the same serveConfigV2 and only a change
     to a model changes it; with none, Serve runs no application and the cluster stays up for the next model.
+    The OpenAI router (`build_router_application`) comes last, when there is a text model to route to.
     """
     spec = parse_cluster_spec(resource)
     name = resource["metadata"]["name"]
-    ordered = sorted(applications, key=lambda app: str(app["name"]))
+    router = build_router_application(applications)
+    ordered = sorted(applications, key=lambda app: str(app["name"])) + ([router] if router else [])
     env_from = build_env_from(list(spec.credentials_secrets))
     return _rayservice(name, {CLUSTER_LABEL: name}, ordered, spec, spec.upgrade_strategy, env_from, default_image)
 
@@ -103,6 +106,26 @@ def build_serve_application(name: str, spec: ZeroCopyModelSpec, route: str) -> d
         "import_path": IMPORT_PATH,
         "args": build_app_args(name, spec).model_dump(mode="json", exclude_none=True),
         "deployments": [build_deployment_options(spec.serving)],
+    }
+
+
+def build_router_application(applications: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cluster's OpenAI router at `/`, in front of the text models among `applications` (None: there are
+    none). Its args name each model's application and task, so it refuses a wrong route before forwarding."""
+    models = [
+        RoutedModel(name=app["name"], application=app["name"], task=app["args"].get("task", "tensor"))
+        for app in applications
+        if app["args"].get("task", "tensor") != "tensor"
+    ]
+    if not models:
+        return None
+    return {
+        "name": ROUTER_APP,
+        "route_prefix": "/",
+        "import_path": ROUTER_IMPORT_PATH,
+        "args": RouterArgs(models=sorted(models, key=lambda m: m.name)).model_dump(mode="json"),
+        # It only forwards: no CPU of its own to schedule, so it never keeps a model's replica off a node.
+        "deployments": [{"name": ROUTER_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}],
     }
 
 

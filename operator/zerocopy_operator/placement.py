@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zerocopy_runtime.contract import ROUTER_APP, router_route
+
 from . import quantity
 from .api import ZeroCopyClusterSpec, ZeroCopyModelSpec
 from .manifests import build_serve_application
@@ -97,10 +99,17 @@ def plan_cluster(
         problems = list(draft.problems)
         if draft.model is not None and not problems:
             served_elsewhere = {
-                str(app["route_prefix"]): other for other, app in current.items() if other != draft.name
+                str(app["route_prefix"]): other
+                for other, app in current.items()
+                if other not in (draft.name, ROUTER_APP)
             }  # a route another application serves now stays taken until that one has moved
             route = draft.application["route_prefix"] if draft.application else None
-            if route in served_elsewhere:
+            if route is not None and router_route(route):
+                problems.append(
+                    f"route prefix {route} is the OpenAI endpoint of ZeroCopyCluster {name} (it routes / and "
+                    "/v1 to every model by the request's model field): set another serving.routePrefix"
+                )
+            elif route in served_elsewhere:
                 problems.append(
                     f"route prefix {route} is served now by ZeroCopyModel {served_elsewhere[route]}'s application on "
                     f"ZeroCopyCluster {name}: set a different serving.routePrefix (or wait until that model's new "

@@ -211,8 +211,10 @@ def cluster_status(
     store: list[dict[str, Any]],
     endpoint: str,
     now: str,
+    openai: bool = False,
 ) -> dict[str, Any]:
-    """A ZeroCopyCluster's status: its own readiness, and the models (status.models entries) and stores given."""
+    """A ZeroCopyCluster's status: its own readiness, and the models (status.models entries) and stores given;
+    `openai`: its RayService runs the OpenAI router."""
     meta = resource["metadata"]
     previous = (resource.get("status") or {}).get("conditions") or []
     serving = [m for m in models if m["ready"]]
@@ -244,6 +246,7 @@ def cluster_status(
             "conditions": stamp([ready, cluster, models_condition], previous, now, meta.get("generation")),
             "rayService": meta["name"],
             "endpoint": endpoint,
+            "openaiBaseUrl": f"{endpoint}/v1" if openai else None,
             "models": models,
             "modelsReady": f"{len(serving)}/{len(models)}",
             "objectStore": store,

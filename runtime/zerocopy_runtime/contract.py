@@ -10,11 +10,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from .config import Task
+from .config import ApiModel, Task
 
-__all__ = ["ReplicaInfo", "weights_model", "weights_name", "weights_revision"]
+__all__ = [
+    "ROUTER_APP",
+    "ROUTER_DEPLOYMENT",
+    "ROUTER_IMPORT_PATH",
+    "ReplicaInfo",
+    "RoutedModel",
+    "RouterArgs",
+    "router_route",
+    "weights_model",
+    "weights_name",
+    "weights_revision",
+]
+
+#: The OpenAI router's Serve application (`zerocopy_runtime.router`): not a Kubernetes name, so no model's
+#: application can take it. It serves at `/`, so `<endpoint>/v1` reaches every text model of the cluster.
+ROUTER_APP = "_openai"
+ROUTER_IMPORT_PATH = "zerocopy_runtime.router:build_router"
+ROUTER_DEPLOYMENT = "OpenAIRouter"
 
 #: Characters of the revision digest in a published name: enough to never collide within one model.
 _REVISION_CHARS = 16
@@ -75,3 +92,22 @@ class ReplicaInfo(BaseModel):
     engine_load_seconds: float | None = None
     engine_load_steps: dict[str, float] | None = None
     engine_loader_pid: int | None = None
+
+
+def router_route(route: str) -> bool:
+    """Whether a model's route prefix would take the router's: `/` itself, or `/v1` and below."""
+    return route == "/" or route == "/v1" or route.startswith("/v1/")
+
+
+class RoutedModel(ApiModel):
+    """One model behind the router: its OpenAI name, its Serve application, and its task."""
+
+    name: str = Field(min_length=1)
+    application: str = Field(min_length=1)
+    task: Task
+
+
+class RouterArgs(ApiModel):
+    """The router application's arguments, as the operator and `zerocopy serve` write them."""
+
+    models: list[RoutedModel] = Field(default_factory=list)

@@ -65,11 +65,13 @@ def serve_applications(
     host: str = "127.0.0.1",
     port: int = 8000,
     dashboard_port: int = 8265,
+    router: dict[str, Any] | None = None,
 ) -> None:
     """Publish each model, deploy them all, print their endpoints and memory summaries, then serve until Ctrl-C.
 
     One config for every application, as KubeRay sends a shared cluster's serveConfigV2; every model is
-    checked before Ray starts, so a bad one costs seconds, not the others' publish.
+    checked before Ray starts, so a bad one costs seconds, not the others' publish. `router`: the OpenAI router
+    application in front of the text models, deployed with them (as on a ZeroCopyCluster).
     """
     models = [AppArgs.model_validate(application["args"]) for application in applications]
     os.environ.setdefault("ZEROCOPY_MODEL_DIR", str(base_dir))
@@ -79,7 +81,7 @@ def serve_applications(
     import ray
     from ray import serve
 
-    from .serve import find_or_publish
+    from .replica_weights import find_or_publish
     from .weights import PublishedModel, release
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -106,7 +108,8 @@ def serve_applications(
             published.append(find_or_publish(args, progress=ProgressLine(sys.stdout), verified=True))  # preflight
             seconds = time.perf_counter() - started
             print(f"published {format_bytes(published[-1].nbytes)} as {published[-1].name} in {seconds:.1f} s")
-        deploy([application | {"runtime_env": {"env_vars": env}} for application in applications], host, port)
+        every = applications + ([router] if router is not None else [])
+        deploy([application | {"runtime_env": {"env_vars": env}} for application in every], host, port)
         endpoints = [f"http://{host}:{port}{application['route_prefix']}" for application in applications]
         for args, endpoint in zip(models, endpoints, strict=True):
             print(serving_line(args, endpoint))
@@ -114,6 +117,10 @@ def serve_applications(
             replicas = wait_running(application["name"])
             summary = memory_summary(endpoint, replicas, weights.nbytes, weights.owner_pid)
             print(f"{application['name']}: {summary}" if len(applications) > 1 else summary, flush=True)
+        if router is not None:
+            wait_running(router["name"])
+            names = ", ".join(m["name"] for m in router["args"]["models"])
+            print(f"OpenAI endpoint for {names}: base_url http://{host}:{port}/v1 (the request's model picks)")
         dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
         if dashboard:
             gcs = ray.get_runtime_context().gcs_address

@@ -15,19 +15,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import Field
 from ray import serve
 from ray.serve import Application
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .config import ApiModel, Task
+from .contract import ROUTER_DEPLOYMENT, RoutedModel, RouterArgs
 from .openai_protocol import ApiError, ModelCard, ModelList
 
-__all__ = ["ROUTER_APP", "ROUTER_IMPORT_PATH", "OpenAIRouter", "RoutedModel", "RouterArgs", "build_router"]
+__all__ = ["OpenAIRouter", "build_router"]
 
-#: The router's Serve application name: not a Kubernetes name, so no model's application can take it.
-ROUTER_APP = "_openai"
-ROUTER_IMPORT_PATH = "zerocopy_runtime.router:build_router"
 #: The deployment each model's application runs (`serve.ZeroCopyDeployment`).
 MODEL_DEPLOYMENT = "ZeroCopyDeployment"
 #: The OpenAI routes, and the tasks that serve each.
@@ -38,18 +34,6 @@ ROUTE_TASKS: dict[str, tuple[str, ...]] = {
 }
 #: How long the router trusts Serve's word on which applications are running.
 STATUS_TTL_S = 2.0
-
-
-class RoutedModel(ApiModel):
-    """One model behind the router: its OpenAI name, its Serve application, and its task."""
-
-    name: str = Field(min_length=1)
-    application: str = Field(min_length=1)
-    task: Task
-
-
-class RouterArgs(ApiModel):
-    models: list[RoutedModel] = Field(default_factory=list)
 
 
 def build_router(args: dict[str, Any]) -> Application:
@@ -82,7 +66,7 @@ def _names(names: list[str]) -> str:
 app = FastAPI(title="zerocopy OpenAI router", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.deployment(name="OpenAIRouter")
+@serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(app)
 class OpenAIRouter:
     """The cluster's `/v1`: `GET /v1/models` and the three POST routes, each to the model its body names."""

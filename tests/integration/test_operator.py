@@ -36,6 +36,7 @@ from tests.kube import kuberay
 from tests.kube.clusters import Cluster, private_cluster
 from tests.kube.envtest import dying_with_this_process
 from tests.replica_info import replica_info
+from zerocopy_runtime.contract import ROUTER_APP
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
@@ -458,14 +459,16 @@ def _on(pool: str, name: str, **serving: Any) -> dict[str, Any]:
 
 
 def _apps(rayservice: dict[str, Any] | None) -> dict[str, Any]:
-    return {app["name"]: app for app in _serve_config(rayservice)["applications"]} if rayservice else {}
+    """The models' applications (not the cluster's OpenAI router)."""
+    applications = _serve_config(rayservice)["applications"] if rayservice else []
+    return {app["name"]: app for app in applications if app["name"] != ROUTER_APP}
 
 
 def test_models_on_a_shared_cluster_are_applications_of_its_one_rayservice(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
     _apply(cluster, namespace, _pool("pool"))
-    _apply(cluster, namespace, _on("pool", "chat-a"))
+    _apply(cluster, namespace, _on("pool", "chat-a", task="text-generation"))
     _apply(cluster, namespace, _on("pool", "embed-b"))
     rayservice = eventually(
         lambda: (r := _get(cluster, namespace, "rayservice", "pool")) and set(_apps(r)) == {"chat-a", "embed-b"} and r,
@@ -492,6 +495,10 @@ def test_models_on_a_shared_cluster_are_applications_of_its_one_rayservice(
         what="the cluster's status to count one of two models serving",
     )
     assert status["phase"] == "Ready"
+    # One OpenAI endpoint for the cluster's text model, shown in its status (kept by the CRD's schema).
+    assert status["openaiBaseUrl"] == f"http://pool-serve-svc.{namespace}.svc:8000/v1"
+    (router,) = [a for a in _serve_config(rayservice)["applications"] if a["name"] == ROUTER_APP]
+    assert (router["route_prefix"], [m["name"] for m in router["args"]["models"]]) == ("/", ["chat-a"])
     assert [(m["name"], m["application"], m["ready"]) for m in status["models"]] == [
         ("chat-a", "RUNNING", True), ("embed-b", "DEPLOYING", False),
     ]  # fmt: skip

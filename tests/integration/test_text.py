@@ -220,7 +220,8 @@ def router(
     not run: (router URL, chat URL, encoder URL)."""
     from ray import serve
 
-    from zerocopy_runtime.router import ROUTER_APP, build_router
+    from zerocopy_runtime.contract import ROUTER_APP
+    from zerocopy_runtime.router import build_router
 
     models = [
         {"name": "chat", "application": "chat", "task": "text-generation"},

@@ -167,3 +167,18 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     out = _zerocopy("--debug", "validate", str(tmp_path / "nope.yaml"))
     assert out.returncode != 0
     assert "Traceback" in out.stderr
+
+
+def test_serving_several_text_models_refuses_a_route_on_their_shared_openai_endpoint(folder: Path) -> None:
+    """With several models `zerocopy serve` puts one OpenAI endpoint at / and /v1: a model may not take them."""
+    paths = []
+    for name, route in (("a", "/a"), ("b", "/v1")):
+        resource = _resource(serving__task="text-generation", serving__routePrefix=route)
+        resource["spec"]["model"]["architecture"] = {"transformers": "LlamaForCausalLM"}
+        resource["metadata"]["name"] = name
+        paths.append(folder / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(resource))
+    out = _zerocopy("serve", *map(str, paths))
+    assert out.returncode != 0
+    assert "route prefix /v1 is the OpenAI endpoint of several models served together" in out.stderr, out.stderr
+    _no_traceback(out)

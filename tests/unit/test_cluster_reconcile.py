@@ -17,6 +17,7 @@ from tests.unit.fake_kube import NAMESPACE, FakeKube, closed_port, kuberay_statu
 from zerocopy_operator import clusters as cl
 from zerocopy_operator import reconcile as rc
 from zerocopy_operator.manifests import CLUSTER_LABEL, build_cluster_rayservice
+from zerocopy_runtime.contract import ROUTER_APP, RoutedModel, RouterArgs
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +40,7 @@ def _cluster(kube: FakeKube) -> dict[str, Any]:
 
 def _applications(kube: FakeKube, name: str = "shared") -> dict[str, dict[str, Any]]:
     config = yaml.safe_load(kube.rayservices[(NAMESPACE, name)]["spec"]["serveConfigV2"])
-    return {app["name"]: app for app in config["applications"] or []}
+    return {app["name"]: app for app in config["applications"] or [] if app["name"] != ROUTER_APP}  # models only
 
 
 def _ready(status: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +73,18 @@ def test_models_that_name_the_cluster_join_its_one_rayservice(kube: FakeKube) ->
     assert {s["phase"] for s in outcome.models.values()} == {"Provisioning"}
     assert outcome.models["chat"]["endpoint"] == f"http://shared-serve-svc.{NAMESPACE}.svc:8000/chat"
     assert outcome.status["modelsReady"] == "0/2"
+    # One OpenAI endpoint in front of both: the router application, last, at /.
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    router = config["applications"][-1]
+    assert (router["name"], router["route_prefix"], router["import_path"]) == (
+        ROUTER_APP, "/", "zerocopy_runtime.router:build_router",
+    )  # fmt: skip
+    assert RouterArgs.model_validate(router["args"]).models == [
+        RoutedModel(name="chat", application="chat", task="text-generation"),
+        RoutedModel(name="minilm", application="minilm", task="embeddings"),
+    ]
+    assert router["deployments"][0]["ray_actor_options"] == {"num_cpus": 0}
+    assert outcome.status["openaiBaseUrl"] == f"http://shared-serve-svc.{NAMESPACE}.svc:8000/v1"
 
     _serve(kube)
     kube.forget_calls()
@@ -288,3 +301,21 @@ def test_a_change_to_the_rayservice_during_a_reconciliation_fails_it_with_409() 
     assert cl.sync_cluster(kube, NAMESPACE, "shared", SETTINGS) is not None  # the retry reads again and succeeds
     assert "num_replicas: 3" in kube.rayservices[(NAMESPACE, "shared")]["spec"]["serveConfigV2"]
     assert kube.rayservices[(NAMESPACE, "shared")]["status"]["conditions"][0]["status"] == "True"  # kept
+
+
+def test_a_cluster_of_tensor_models_has_no_openai_router(kube: FakeKube) -> None:
+    for name in ("chat", "minilm"):
+        _edit_model(kube, name, task="tensor", handler="tensor")
+    outcome = cl.reconcile_cluster(kube, _cluster(kube), SETTINGS)
+    config = yaml.safe_load(kube.rayservices[(NAMESPACE, "shared")]["spec"]["serveConfigV2"])
+    assert [app["name"] for app in config["applications"]] == ["chat", "minilm"]
+    assert outcome.status["openaiBaseUrl"] is None
+
+
+@pytest.mark.parametrize("route", ["/", "/v1", "/v1/chat"])
+def test_a_model_may_not_take_the_clusters_openai_routes(kube: FakeKube, route: str) -> None:
+    _edit_model(kube, "minilm", routePrefix=route)
+    outcome = cl.reconcile_cluster(kube, _cluster(kube), SETTINGS)
+    assert list(_applications(kube)) == ["chat"]
+    message = _ready(outcome.models["minilm"])["message"]
+    assert f"route prefix {route} is the OpenAI endpoint of ZeroCopyCluster shared" in message

@@ -18,6 +18,7 @@ from zerocopy_operator.placement import plan_cluster
 from zerocopy_operator.resources import endpoint, parse_cluster_spec, parse_spec
 from zerocopy_operator.status import cluster_status, observed_status
 from zerocopy_operator.validation import InvalidSpec, validate, validate_cluster
+from zerocopy_runtime.contract import ROUTER_APP
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +42,8 @@ def _rayservice(cluster: dict[str, Any], models: list[dict[str, Any]]) -> dict[s
 
 
 def _applications(rayservice: dict[str, Any]) -> dict[str, Any]:
-    return {app["name"]: app for app in yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]}
+    applications = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    return {app["name"]: app for app in applications if app["name"] != ROUTER_APP}  # the models' only
 
 
 def _problems(cluster: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, list[str]]:

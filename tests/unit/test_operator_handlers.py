@@ -31,6 +31,7 @@ from zerocopy_operator import handlers
 from zerocopy_operator import reconcile as rc
 from zerocopy_operator.kube import Kube
 from zerocopy_operator.work_queue import Key
+from zerocopy_runtime.contract import ROUTER_APP
 
 pytestmark = pytest.mark.unit
 
@@ -146,7 +147,7 @@ def _on_cluster(resource: dict[str, Any], cluster: str = "shared") -> dict[str, 
 
 def _serve_config(memo: SimpleNamespace, name: str) -> list[str]:
     config = yaml.safe_load(memo.kube.rayservices[(NAMESPACE, name)]["spec"]["serveConfigV2"])
-    return [app["name"] for app in config["applications"] or []]
+    return [app["name"] for app in config["applications"] or [] if app["name"] != ROUTER_APP]  # models only
 
 
 def _unreachable_api_error() -> Exception:
