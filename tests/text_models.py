@@ -118,3 +118,22 @@ def seq2seq_folder(folder: Path) -> tuple[Any, Any]:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def lora_adapter_folder(base: Any, folder: Path, seed: int, targets: list[str], rank: int = 4) -> Any:
+    """A PEFT LoRA adapter for `base` (random, not zero, so it changes answers) saved in `folder`; returns
+    `base`'s adapter merged into a private copy with PEFT: the reference answers come from it."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # large enough to change greedy picks of a tiny random model
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(4.0)
+    peft_model.save_pretrained(folder)
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+    return merged.eval()

@@ -17,13 +17,16 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from zerocopy_runtime.config import (
+    ADAPTERS_RULE,
     BUILDABLE_RULE,
     REPLICA_RULES,
+    Adapter,
     ApiModel,
     ModelSource,
     ReplicaSettings,
     api_config,
     cel,
+    check_adapters,
     check_buildable,
 )
 
@@ -334,9 +337,16 @@ class ZeroCopyModelSpec(_Spec):
         _incremental_rule("cluster"),
         BUILDABLE_RULE,
         ("!has(self.clusterRef) || (!has(self.cluster) && !has(self.upgradeStrategy))", _CLUSTER_REF_MESSAGE),
+        ADAPTERS_RULE,
     )
 
     model: Model
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=64,
+        description="LoRA adapters served on the model's shared base weights, each as the OpenAI model "
+        "<model>:<name>; adding or removing one is an in-place update.",
+    )
     serving: Serving = Field(default_factory=Serving)
     cluster: Cluster = Field(
         default_factory=Cluster, description="The model's own Ray cluster; not with clusterRef. Default: one GPU pod."
@@ -352,6 +362,7 @@ class ZeroCopyModelSpec(_Spec):
             raise ValueError(_CLUSTER_REF_MESSAGE)
         _check_incremental(self.upgrade_strategy, self.cluster, "cluster.")
         check_buildable(self.model, self.serving.engine)
+        check_adapters(self.adapters, self.serving.task, self.serving.engine)
         return self
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from zerocopy_runtime.config import AppArgs, ModelSource, ReplicaSettings, fields_of
+from zerocopy_runtime.config import AppArgs, ModelSource, ReplicaConfig, ReplicaSettings, fields_of
 from zerocopy_runtime.contract import ROUTER_APP, ROUTER_DEPLOYMENT, ROUTER_IMPORT_PATH, RoutedModel, RouterArgs
 
 from . import quantity
@@ -105,7 +105,7 @@ def build_serve_application(name: str, spec: ZeroCopyModelSpec, route: str) -> d
         "route_prefix": route,
         "import_path": IMPORT_PATH,
         "args": build_app_args(name, spec).model_dump(mode="json", exclude_none=True),
-        "deployments": [build_deployment_options(spec.serving)],
+        "deployments": [build_deployment_options(spec.serving, ReplicaConfig(adapters=spec.adapters))],
     }
 
 
@@ -138,9 +138,13 @@ def build_app_args(name: str, spec: ZeroCopyModelSpec) -> AppArgs:
     )
 
 
-def build_deployment_options(serving: Serving) -> dict[str, Any]:
-    """Serve deployment options: changing these is an in-place update of the running app."""
+def build_deployment_options(serving: Serving, config: ReplicaConfig | None = None) -> dict[str, Any]:
+    """Serve deployment options: changing these is an in-place update of the running app. `config`: what
+    replicas take in place (`user_config`: the adapters), for the models that can hold adapters: always there,
+    so that removing the last adapter reaches the replicas too (Serve skips `reconfigure` for no user_config)."""
     options: dict[str, Any] = {"name": DEPLOYMENT}
+    if config is not None and serving.task == "text-generation" and serving.engine == "transformers":
+        options["user_config"] = config.model_dump(mode="json")
     if serving.autoscaling is not None:
         options["autoscaling_config"] = {
             "min_replicas": serving.autoscaling.min_replicas,

@@ -227,6 +227,39 @@ class ReplicaSettings(ApiModel):
         return self
 
 
+class Adapter(ApiModel):
+    """A LoRA adapter on the model: a PEFT folder (adapter_config.json and adapter_model.safetensors)."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        max_length=63,
+        description="Its OpenAI model name is <model>:<name>.",
+    )
+    uri: str = Field(
+        min_length=1,
+        pattern=r"^(file|s3|gs|hf|https?)://.+|^[^:]+$",
+        description="The adapter's folder, from any source the model's weights may come from.",
+    )
+
+    def source(self, dtype: str | None) -> ModelSource:
+        """The adapter as a checkpoint to publish and attach, in the base model's dtype."""
+        return ModelSource(uri=self.uri, dtype=dtype)  # type: ignore[arg-type]
+
+
+#: The spec-wide CEL rule that `check_adapters` mirrors.
+ADAPTERS_RULE = (
+    "!has(self.adapters) || size(self.adapters) == 0 || (has(self.serving) && has(self.serving.task) && "
+    "self.serving.task == 'text-generation' && (!has(self.serving.engine) || self.serving.engine == 'transformers'))",
+    "adapters go with task text-generation on engine transformers (vLLM's LoRA support is not wired yet)",
+)
+
+
+def check_adapters(adapters: list[Adapter], task: str, engine: str) -> None:
+    if adapters and (task != "text-generation" or engine != "transformers"):
+        raise ValueError(ADAPTERS_RULE[1])
+    ReplicaConfig(adapters=adapters)  # distinct names
+
+
 class AppArgs(ReplicaSettings):
     """Everything `zerocopy_runtime.serve:build_app` needs; deployment options live in Serve's own config.
 
@@ -242,6 +275,20 @@ class AppArgs(ReplicaSettings):
     @model_validator(mode="after")
     def _buildable(self) -> AppArgs:
         check_buildable(self.model, self.engine)
+        return self
+
+
+class ReplicaConfig(ApiModel):
+    """What replicas take in place (the deployment's `user_config`, passed to `reconfigure`): changing it
+    restarts no replica and publishes no base weights again."""
+
+    adapters: list[Adapter] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ReplicaConfig:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters: names must differ ({', '.join(sorted(names))})")
         return self
 
 

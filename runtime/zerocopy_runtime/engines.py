@@ -17,6 +17,7 @@ from ray import serve
 from torch import nn
 
 from .config import AppArgs
+from .lora import AdapterBank
 from .tensor_codec import BadRequest, Handler, load_handler
 from .text import EmbeddingEngine, GenerationEngine
 from .weights import PublishedModel
@@ -101,13 +102,18 @@ def build_engine(
     args: AppArgs, model: nn.Module, folder: Path, handler: Handler | None = None
 ) -> TensorEngine | GenerationEngine | EmbeddingEngine:
     """The engine for the args' task on an attached model (the transformers engines and the tensor engine);
-    `handler`: the tensor task's handler, if the caller resolved it already."""
+    `handler`: the tensor task's handler, if the caller resolved it already. A causal LM's engine holds an
+    `AdapterBank`, empty until the replica's config names adapters."""
     batching = (args.batching.max_batch_size, args.batching.batch_wait_timeout_s)
     if args.task == "tensor":
         return TensorEngine(handler or load_handler(args.handler), model, *batching)
     if args.task == "embeddings":
         return EmbeddingEngine(model, folder, args.name)
-    return GenerationEngine(args.task, model, folder, args.name, batching)
+    adapters = None
+    if args.task == "text-generation":
+        adapters = AdapterBank()
+        adapters.use(model)
+    return GenerationEngine(args.task, model, folder, args.name, batching, adapters=adapters)
 
 
 def vllm_engine(args: AppArgs, published: PublishedModel, folder: Path) -> GenerationEngine:

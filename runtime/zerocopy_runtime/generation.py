@@ -26,6 +26,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .lora import AdapterBank
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -36,6 +38,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: The LoRA adapter to answer with (None: the base model).
+    adapter: str | None = None
 
 
 @dataclass
@@ -94,8 +98,10 @@ class BatchGenerator:
         decode: Callable[[list[int]], str],
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
+        adapters: AdapterBank | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.eos = set(eos_token_ids)
         self.pad = pad_token_id
         self.decode = decode
@@ -169,7 +175,7 @@ class BatchGenerator:
                     batch = self._prefill(rows)
                     while batch is not None:
                         self._join(batch, members)
-                        batch = self._after(batch, self._forward(batch.steps.inputs, batch.cache))
+                        batch = self._after(batch, self._forward(batch.rows, batch.steps.inputs, batch.cache))
             except Exception as exc:  # a failed batch fails its requests, never the loop
                 for row in members:
                     row.emit(Token(None, finish_reason=f"error: {type(exc).__name__}: {exc}"))
@@ -178,9 +184,13 @@ class BatchGenerator:
         taken, self._pending = self._pending[:room], self._pending[room:]
         return taken
 
-    def _forward(self, inputs: dict[str, Any], cache: Any) -> Any:
+    def _forward(self, rows: list[_Row], inputs: dict[str, Any], cache: Any) -> Any:
+        """One forward pass of `rows` (in the batch's order): each row with its own adapter, if it asked for one."""
         self.forward_passes += 1
-        return self.model(**inputs, **{self._cache_keyword: cache}, use_cache=True)
+        if self.adapters is None:
+            return self.model(**inputs, **{self._cache_keyword: cache}, use_cache=True)
+        with self.adapters.rows([row.params.adapter for row in rows]):
+            return self.model(**inputs, **{self._cache_keyword: cache}, use_cache=True)
 
     def _prefill(self, rows: list[_Row]) -> _Batch | None:
         """The prompts' forward pass, which also picks each row's first token."""
@@ -193,7 +203,7 @@ class BatchGenerator:
             ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
             mask[i, width - len(row.prompt) :] = 1
         steps = self._steps(ids.to(device), mask.to(device))
-        return self._after(_Batch(rows, steps, None), self._forward(steps.inputs, None))
+        return self._after(_Batch(rows, steps, None), self._forward(rows, steps.inputs, None))
 
     def _after(self, batch: _Batch, output: Any) -> _Batch | None:
         """Send each row its token; rows that finished leave, and the rest get their next step's inputs."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import serve
 from ray.serve._private.constants import SERVE_NAMESPACE
 from torch import nn
@@ -25,14 +26,26 @@ from torch import nn
 from ._errors import AlreadyPublishedError, PublishInProgressError, WeightsNotFoundError, ZeroCopyError
 from ._owner import NAMESPACE, actor_name, published_names
 from ._source import is_remote, local_path, model_folder, published_folder, revision, verify, write_side_files
-from .config import AppArgs
+from .config import Adapter, AppArgs
 from .contract import weights_model, weights_name, weights_revision
 from .tensor_codec import fingerprint
-from .weights import AttachReport, Progress, PublishedModel, attach, attach_report, lookup, publish, release
+from .weights import (
+    AttachReport,
+    Progress,
+    PublishedModel,
+    attach,
+    attach_report,
+    attach_tensors,
+    lookup,
+    publish,
+    release,
+)
 
 __all__ = [
     "ReplicaWeights",
+    "adapter_args",
     "application_deleted",
+    "attach_adapter",
     "find_or_publish",
     "live_applications",
     "model_files",
@@ -96,6 +109,23 @@ def model_files(args: AppArgs, published: PublishedModel | None) -> Path:
         return model_folder(local_path(args.model))
     folder = published_folder(published.name)  # written by an earlier replica on this node
     return folder if folder.exists() else write_side_files(published.name, ray.get(published.files))
+
+
+def adapter_args(args: AppArgs, adapter: Adapter) -> AppArgs:
+    """An adapter as a published copy of its own: named `<model>.<adapter>`, in the base model's dtype, released
+    with the model (`release_model`)."""
+    update = {"name": f"{args.name}.{adapter.name}", "model": adapter.source(args.model.dtype)}
+    return args.model_copy(update=update)
+
+
+def attach_adapter(args: AppArgs, adapter: Adapter) -> tuple[PublishedModel, Path, dict[str, torch.Tensor]]:
+    """An adapter's copy on this node (published by the first replica to need it), its folder (its
+    adapter_config.json) and its tensors, zero-copy; this replica registers as one of its users."""
+    own = adapter_args(args, adapter)
+    published = find_or_publish(own)
+    _register_replica(published)
+    tensors, _ = attach_tensors(published, write_guard=args.write_guard)
+    return published, model_files(own, published), tensors
 
 
 class ReplicaWeights:
@@ -276,10 +306,11 @@ def release_orphaned() -> list[str]:
 
 
 def release_model(model: str) -> list[str]:
-    """Release every published revision of `model`; another replica may have released some first."""
+    """Release every published revision of `model` and of its adapters; another replica may have released some
+    first."""
     released: list[str] = []
     for name in published_names():
-        if weights_model(name) == model:
+        if weights_model(name) == model or weights_model(name).startswith(f"{model}."):  # its adapters too
             try:
                 release(name)
                 released.append(name)

@@ -16,6 +16,7 @@ Routes, under the application's route prefix:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,15 +31,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._architecture import architecture_factory
+from ._errors import ZeroCopyError
 from ._metrics import ReplicaMetrics
 from ._source import is_gguf_source, is_remote
-from .config import AppArgs
+from .config import AppArgs, ReplicaConfig
 from .contract import ReplicaInfo
 from .engines import Engine, TensorEngine, build_engine, vllm_engine
+from .lora import LoraWeights, read_adapter
 from .openai_protocol import ApiError
-from .replica_weights import ReplicaWeights, find_or_publish, model_files
+from .replica_weights import ReplicaWeights, attach_adapter, find_or_publish, model_files
 from .tensor_codec import BadRequest, load_handler
-from .text import TextEngine
+from .text import GenerationEngine, TextEngine
+from .weights import release
 
 __all__ = ["ZeroCopyDeployment", "build_app"]
 
@@ -111,9 +115,40 @@ class ZeroCopyDeployment:
             self.weights = ReplicaWeights(self.args, factory, device, published)
             assert self.weights.model is not None
             self.engine = build_engine(self.args, self.weights.model, folder, handler)
+        self.adapter_copies: dict[str, str] = {}  # adapter name -> its published copy
         self._attached()
         self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
         self._serving = True
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's in-place update (the deployment's `user_config`): the LoRA adapters to serve.
+
+        A new adapter is published once per node (the first replica to need it) and attached zero-copy; one
+        no longer named is dropped and its copy released. No replica restarts and the base weights are not
+        read again. An adapter that does not fit the model fails this update with the reason, and the replica
+        keeps serving the adapters it had.
+        """
+        wanted = {a.name: a for a in ReplicaConfig.model_validate(config or {}).adapters}
+        engine = self.engine
+        bank = engine.adapters if isinstance(engine, GenerationEngine) else None
+        if bank is None:
+            if wanted:
+                raise ZeroCopyError(f"{self.args.name} is a {engine.task} model: adapters go with text-generation")
+            return
+        model = self.weights.model
+        assert model is not None
+        loaded: dict[str, tuple[LoraWeights, str]] = {}
+        for name, adapter in wanted.items():
+            if name not in bank.adapters:
+                published, folder, tensors = attach_adapter(self.args, adapter)
+                loaded[name] = (read_adapter(name, folder, tensors, model), published.name)
+        for name in [n for n in bank.adapters if n not in wanted]:
+            bank.remove(name)
+            with contextlib.suppress(ZeroCopyError):
+                release(self.adapter_copies.pop(name))  # another replica may have released it first
+        for name, (weights, copy) in loaded.items():
+            bank.add(weights)
+            self.adapter_copies[name] = copy
 
     def _attached(self) -> None:
         assert self.weights.report is not None

@@ -23,6 +23,7 @@ from torch import nn
 from . import openai_protocol as api
 from ._errors import CheckpointError
 from .generation import BatchGenerator, SamplingParams, TokenGenerator, context_length, decoder_start_token
+from .lora import AdapterBank
 
 GENERATION_TASKS = ("text-generation", "text2text-generation")
 
@@ -100,8 +101,10 @@ class GenerationEngine(TextEngine):
         name: str,
         batch: tuple[int, float],
         generator: TokenGenerator | None = None,
+        adapters: AdapterBank | None = None,
     ) -> None:
         super().__init__(task, folder, name)
+        self.adapters = adapters
         self.context = generator.context if generator is not None else context_length(model)
         self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         if generator is None:
@@ -110,13 +113,38 @@ class GenerationEngine(TextEngine):
             eos = _eos_ids(folder, self.tokenizer)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
             generator = BatchGenerator(
-                model, eos, pad, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), *batch
+                model, eos, pad, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), *batch, adapters
             )
         self.generator: TokenGenerator = generator
 
     def use(self, model: nn.Module) -> None:
         if isinstance(self.generator, BatchGenerator):
             self.generator.model = model
+        if self.adapters is not None:
+            self.adapters.use(model)
+
+    def models(self) -> dict[str, Any]:
+        """The base model, then each adapter as `<model>:<adapter>`."""
+        names = [self.name, *self._adapter_names()]
+        return api.ModelList(data=[api.ModelCard(id=n, created=self.created) for n in names]).model_dump()
+
+    def _adapter_names(self) -> list[str]:
+        return [f"{self.name}:{a}" for a in sorted(self.adapters.adapters)] if self.adapters is not None else []
+
+    def _adapter(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (`<model>:<adapter>`); None for the base model."""
+        if model is None or ":" not in model:
+            return None
+        base, _, adapter = model.partition(":")
+        if base != self.name or self.adapters is None or adapter not in self.adapters.adapters:
+            served = ", ".join([self.name, *self._adapter_names()])
+            message = f"The model {model!r} does not exist here; this model serves {served}"
+            raise api.ApiError(404, message, param="model", code="model_not_found")
+        return adapter
+
+    def _served(self, params: SamplingParams) -> str:
+        """The model name answers carry: the one the request asked for."""
+        return f"{self.name}:{params.adapter}" if params.adapter else self.name
 
     def check(self) -> None:
         self.generator.check()
@@ -142,7 +170,7 @@ class GenerationEngine(TextEngine):
             return self._stream_chat(ident, prompt, params)
         results = [await self._complete(prompt, params, i) for i in range(request.n)]
         used = api.usage(len(prompt), sum(n for _, _, n in results))
-        return api.chat_response(ident, self.name, [(t, r) for t, r, _ in results], used).model_dump()
+        return api.chat_response(ident, self._served(params), [(t, r) for t, r, _ in results], used).model_dump()
 
     async def completions(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
         request = api.parse(api.CompletionRequest, body)
@@ -160,7 +188,7 @@ class GenerationEngine(TextEngine):
                 choices.append((text, reason))
                 generated += count
         used = api.usage(sum(map(len, prompts)), generated)
-        return api.completion_response(ident, self.name, choices, used).model_dump()
+        return api.completion_response(ident, self._served(params_each[0]), choices, used).model_dump()
 
     # --- generation ---------------------------------------------------------------------------------------------
 
@@ -179,7 +207,8 @@ class GenerationEngine(TextEngine):
                 param="messages" if hasattr(request, "messages") else "prompt",
                 code="context_length_exceeded",
             )
-        return SamplingParams(max_tokens, request.temperature, request.top_p, request.stops(), request.seed)
+        adapter = self._adapter(request.model)
+        return SamplingParams(max_tokens, request.temperature, request.top_p, request.stops(), request.seed, adapter)
 
     def _too_long(self, prompt_tokens: int, max_tokens: int) -> bool:
         assert self.context is not None
@@ -223,14 +252,14 @@ class GenerationEngine(TextEngine):
                 sent = ready
 
     async def _stream_chat(self, ident: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[str]:
-        yield _event(api.chat_chunk(ident, self.name, 0, api.ChatDelta(role="assistant", content=""), None))
+        yield _event(api.chat_chunk(ident, self._served(params), 0, api.ChatDelta(role="assistant", content=""), None))
         async for text, reason in self._deltas(prompt, params):
-            yield _event(api.chat_chunk(ident, self.name, 0, api.ChatDelta(content=text or None), reason))
+            yield _event(api.chat_chunk(ident, self._served(params), 0, api.ChatDelta(content=text or None), reason))
         yield "data: [DONE]\n\n"
 
     async def _stream_completion(self, ident: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[str]:
         async for text, reason in self._deltas(prompt, params):
-            yield _event(api.completion_chunk(ident, self.name, 0, text, reason))
+            yield _event(api.completion_chunk(ident, self._served(params), 0, text, reason))
         yield "data: [DONE]\n\n"
 
 
