@@ -113,7 +113,12 @@ def build_router_application(applications: list[dict[str, Any]]) -> dict[str, An
     """The cluster's OpenAI router at `/`, in front of the text models among `applications` (None: there are
     none). Its args name each model's application and task, so it refuses a wrong route before forwarding."""
     models = [
-        RoutedModel(name=app["name"], application=app["name"], task=app["args"].get("task", "tensor"))
+        RoutedModel(
+            name=app["name"],
+            application=app["name"],
+            task=app["args"].get("task", "tensor"),
+            adapters=[a["name"] for a in (app["deployments"][0].get("user_config") or {}).get("adapters", [])],
+        )
         for app in applications
         if app["args"].get("task", "tensor") != "tensor"
     ]

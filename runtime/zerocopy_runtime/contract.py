@@ -81,6 +81,8 @@ class ReplicaInfo(BaseModel):
     # Text tasks.
     context_length: int | None = None
     engine: Literal["transformers", "vllm"] | None = None
+    #: The LoRA adapters it serves (text-generation on the transformers engine), each as `<name>:<adapter>`.
+    adapters: list[str] | None = None
     # The transformers engine's batching counters.
     forward_passes: int | None = None
     joined_running_batch: int | None = None
@@ -105,6 +107,8 @@ class RoutedModel(ApiModel):
     name: str = Field(min_length=1)
     application: str = Field(min_length=1)
     task: Task
+    #: Its adapters, each served as the OpenAI model `<name>:<adapter>` by the same application.
+    adapters: list[str] = Field(default_factory=list)
 
 
 class RouterArgs(ApiModel):

@@ -79,8 +79,13 @@ class OpenAIRouter:
     @app.get("/v1/models")
     async def list_models(self) -> JSONResponse:
         running = await self._running_applications()
-        cards = [ModelCard(id=m.name, created=self.created) for m in self.models.values() if m.application in running]
-        return JSONResponse(ModelList(data=cards).model_dump())
+        names = [
+            name
+            for m in self.models.values()
+            if m.application in running
+            for name in [m.name, *(f"{m.name}:{a}" for a in m.adapters)]
+        ]
+        return JSONResponse(ModelList(data=[ModelCard(id=n, created=self.created) for n in names]).model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -110,10 +115,18 @@ class OpenAIRouter:
     async def _model_for(self, route: str, body: Any) -> RoutedModel:
         """The model the body names, ready and serving this route; else OpenAI's error naming those that do."""
         name = body.get("model") if isinstance(body, dict) else None
-        serving = sorted(n for n, m in self.models.items() if m.task in ROUTE_TASKS[route])
+        serving = sorted(
+            n
+            for m in self.models.values()
+            if m.task in ROUTE_TASKS[route]
+            for n in [m.name, *(f"{m.name}:{a}" for a in m.adapters)]
+        )
         if not isinstance(name, str) or not name:
             raise ApiError(400, f"model: required; this endpoint serves {_names(serving)}", param="model")
-        model = self.models.get(name)
+        base, _, adapter = name.partition(":")  # `<model>:<adapter>`: the model's own application serves it
+        model = self.models.get(name if not adapter else base)
+        if model is not None and adapter and adapter not in model.adapters:
+            model = None
         if model is None:
             message = f"The model {name!r} does not exist here; /v1/{_path(route)} serves {_names(serving)}"
             raise ApiError(404, message, param="model", code="model_not_found")

@@ -153,7 +153,8 @@ class GenerationEngine(TextEngine):
         self.generator.shutdown()
 
     def info(self) -> dict[str, Any]:
-        return {"task": self.task, "context_length": self.context, **self.generator.info()}
+        adapters = {"adapters": self._adapter_names()} if self.adapters is not None else {}
+        return {"task": self.task, "context_length": self.context, **self.generator.info(), **adapters}
 
     async def chat(self, body: Any) -> dict[str, Any] | AsyncIterator[str]:
         request = api.parse(api.ChatCompletionRequest, body)
