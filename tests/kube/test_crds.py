@@ -117,3 +117,26 @@ def test_kubectl_get_shows_the_printer_columns(kube_cluster: Cluster, kube_names
     assert kubectl(kube_cluster, kube_namespace, "create", "-f", "-", obj=pool).returncode == 0
     header = kubectl(kube_cluster, kube_namespace, "get", "zcc", "pool").stdout.splitlines()[0]
     assert header.split() == ["NAME", "READY", "PHASE", "MODELS", "OBJECT-STORE", "AGE"]
+
+
+def test_adapters_are_accepted_on_a_text_generation_model_and_refused_elsewhere(
+    kube_cluster: Cluster, kube_namespace: str
+) -> None:
+    adapters = [{"name": "sql", "uri": "file://adapters/sql"}, {"name": "chat-v2", "uri": "s3://bucket/chat-v2"}]
+    chat = model("with-adapters", task="text-generation", handler=None)
+    chat["spec"]["model"]["architecture"] = {"transformers": "LlamaForCausalLM"}
+    chat["spec"]["adapters"] = adapters
+    created = kubectl(kube_cluster, kube_namespace, "create", "-f", "-", obj=chat)
+    assert created.returncode == 0, created.stderr
+    assert fetched(kube_cluster, kube_namespace, "zcm", "with-adapters")["spec"]["adapters"] == adapters
+    tensor = model("tensor-adapters")
+    tensor["spec"]["adapters"] = adapters
+    refused = kubectl(kube_cluster, kube_namespace, "create", "-f", "-", obj=tensor)
+    assert refused.returncode != 0
+    assert "adapters go with task text-generation on engine transformers" in refused.stderr
+    bad = model("bad-adapter-name", task="text-generation", handler=None)
+    bad["spec"]["model"]["architecture"] = {"transformers": "LlamaForCausalLM"}
+    bad["spec"]["adapters"] = [{"name": "Has Space", "uri": "file://x"}]
+    refused = kubectl(kube_cluster, kube_namespace, "create", "-f", "-", obj=bad)
+    assert refused.returncode != 0
+    assert "spec.adapters[0].name" in refused.stderr

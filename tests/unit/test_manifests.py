@@ -160,3 +160,18 @@ def test_route_prefix_collision_refuses_the_newer_model_only() -> None:
     with pytest.raises(InvalidSpec, match="route prefix /tiny-mlp is already used by ZeroCopyModel tiny-mlp"):
         validate(newer, [older, newer])
     assert validate(older, [older, newer]).serving.route_prefix == "/tiny-mlp"
+
+
+def test_adapters_go_to_user_config_not_args_so_that_a_change_is_in_place() -> None:
+    from zerocopy_operator.manifests import build_router_application
+
+    resource = _example("smollm2-chat.yaml")
+    plain = _serve_config(build_rayservice(copy.deepcopy(resource), IMAGE))["applications"][0]
+    assert plain["deployments"][0]["user_config"] == {"adapters": []}  # there, so removing the last one reaches
+    resource["spec"]["adapters"] = [{"name": "sql", "uri": "file://adapters/sql"}]
+    app = _serve_config(build_rayservice(resource, IMAGE))["applications"][0]
+    assert app["deployments"][0]["user_config"] == {"adapters": [{"name": "sql", "uri": "file://adapters/sql"}]}
+    assert app["args"] == plain["args"]  # the args (a change of which restarts replicas) are the same
+    router = build_router_application([app])
+    assert router is not None
+    assert router["args"]["models"][0]["adapters"] == ["sql"]
