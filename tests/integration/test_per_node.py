@@ -83,8 +83,10 @@ def test_plain_actors_share_one_copy_per_node(run: dict[str, Any]) -> None:
             assert mapped["rss"] >= nbytes, mapped  # each actor reads all the weights through the store
         # PSS charges a shared page 1/k to each of its k mappers: two private copies would be 2 x nbytes.
         assert sum(m["pss"] for m in here["store_maps"]) <= 1.25 * nbytes, here["store_maps"]
+        # Two private copies would be 2 x nbytes; up to 0.5 x of 8 MiB is left for what else two Ray workers
+        # allocate meanwhile (1.27 x was seen once under CI load, where 1.25 x failed a correct run).
         attached = here["pss_after"] - here["pss_before"]
-        assert attached <= 1.25 * nbytes, f"node {n}: the two actors grew by {attached} B for {nbytes} B of weights"
+        assert attached <= 1.5 * nbytes, f"node {n}: the two actors grew by {attached} B for {nbytes} B of weights"
         copied = here["pss_private"] - here["pss_after"]  # then each actor copies the weights privately
         assert copied >= 1.75 * nbytes, f"node {n}: two private copies measured as {copied} B, not 2 x {nbytes} B"
         # One copy in each node's store: node b pulled it once for both of its actors.
