@@ -24,7 +24,7 @@ from .api import ZeroCopyModelSpec
 from .kube import Kube
 from .manifests import MODEL_LABEL, build_rayservice
 from .resources import endpoint, route_prefix, service_name
-from .status import OPERATOR_ERROR, REFUSED, invalid_status, observed_status, weights_from_info
+from .status import OPERATOR_ERROR, REFUSED, invalid_status, observed_status, weights_from_info, with_adapters
 from .validation import InvalidSpec, validate
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ def observe(
         info = read_info(settings, resource, spec, url)
         if info is not None:
             status = observed_status(resource, spec, rayservice, weights_from_info(info), url, now())
+            status = with_adapters(status, resource, spec, info, now())
     return status
 
 
@@ -204,8 +205,18 @@ def mirror(kube: Kube, namespace: str, name: str, settings: Settings) -> str | N
     if action != "unchanged":
         message = f"RayService {name} {action} after a change by hand"
         kube.post_event(resource, "Normal", "Restored", message, now())
-    write_status(kube, resource, observe(kube, resource, spec, settings))
+    status = observe(kube, resource, spec, settings)
+    failed = _condition(status, "AdaptersReady")
+    if failed.get("status") == "False" and failed != _condition(resource.get("status") or {}, "AdaptersReady"):
+        kube.post_event(resource, "Warning", "AdapterFailed", failed["message"], now())
+    write_status(kube, resource, status)
     return action
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A condition without its timestamps (what changed, not when)."""
+    found: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+    return {k: v for k, v in found.items() if k not in ("lastTransitionTime", "observedGeneration")}
 
 
 def write_status(kube: Kube, resource: dict[str, Any], status: dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from .api import ZeroCopyClusterSpec, ZeroCopyClusterStatus, ZeroCopyModelSpec, 
 from .manifests import DEPLOYMENT
 from .resources import service_name
 
-CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady")
+CONDITIONS = ("Ready", "ClusterReady", "WeightsPublished", "ServeReady", "AdaptersReady")
 #: What a status says of a model that nothing serves (a merge patch's nulls delete what it showed before).
 NOT_SERVING: dict[str, Any] = {
     "rayService": None, "endpoint": None, "openaiBaseUrl": None, "weights": None, "replicas": None, "readyReplicas": 0,
@@ -275,3 +275,22 @@ def _checked(kind: type[ZeroCopyModelStatus | ZeroCopyClusterStatus], fields: di
     if undeclared:
         raise ValueError(f"{kind.__name__} declares no field {', '.join(undeclared)}: declare it in api.py first")
     return built.model_dump(by_alias=True, exclude_unset=True)
+
+
+def with_adapters(
+    status: dict[str, Any], resource: dict[str, Any], spec: ZeroCopyModelSpec, info: ReplicaInfo, now: str
+) -> dict[str, Any]:
+    """`status` with an AdaptersReady condition for a model that lists adapters: False, naming each adapter its
+    replicas could not serve and why (the model serves its other names meanwhile); True once all serve."""
+    if not spec.adapters:
+        return status
+    errors = info.adapter_errors or {}
+    if errors:
+        adapters = condition("AdaptersReady", False, "AdapterFailed", "; ".join(errors[n] for n in sorted(errors)))
+    else:
+        adapters = condition("AdaptersReady", True, "Serving", f"{len(spec.adapters)} adapters serving")
+    previous = (resource.get("status") or {}).get("conditions") or []
+    generation = resource["metadata"].get("generation")
+    return model_status(
+        {**status, "conditions": [*status["conditions"], *stamp([adapters], previous, now, generation)]}
+    )

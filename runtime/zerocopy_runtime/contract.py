@@ -83,6 +83,8 @@ class ReplicaInfo(BaseModel):
     engine: Literal["transformers", "vllm"] | None = None
     #: The LoRA adapters it serves (text-generation on the transformers engine), each as `<name>:<adapter>`.
     adapters: list[str] | None = None
+    #: Adapters the config names that it does not serve, with the reason (unreadable, or not fitting the model).
+    adapter_errors: dict[str, str] | None = None
     # The transformers engine's batching counters.
     forward_passes: int | None = None
     joined_running_batch: int | None = None

@@ -17,6 +17,7 @@ Routes, under the application's route prefix:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,6 +50,8 @@ __all__ = ["ZeroCopyDeployment", "build_app"]
 ROUTES = "POST <route>/ (tensors), POST <route>/v1/chat/completions, /v1/completions or /v1/embeddings, " + (
     "GET <route>/v1/models, GET <route>/-/info"
 )
+
+logger = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log
 
 app = FastAPI(title="zerocopy replica", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -116,6 +119,7 @@ class ZeroCopyDeployment:
             assert self.weights.model is not None
             self.engine = build_engine(self.args, self.weights.model, folder, handler)
         self.adapter_copies: dict[str, str] = {}  # adapter name -> its published copy
+        self.adapter_errors: dict[str, str] = {}  # adapter name -> why it is not served
         self._attached()
         self.startup_seconds = time.perf_counter() - started  # replica start to ready: the cost of a scale-up
         self._serving = True
@@ -125,8 +129,9 @@ class ZeroCopyDeployment:
 
         A new adapter is published once per node (the first replica to need it) and attached zero-copy; one
         no longer named is dropped and its copy released. No replica restarts and the base weights are not
-        read again. An adapter that does not fit the model fails this update with the reason, and the replica
-        keeps serving the adapters it had.
+        read again. An adapter that cannot be read or does not fit the model is left out with the reason
+        (`/-/info` `adapter_errors`, which the operator turns into the model's AdaptersReady condition), and
+        the model keeps serving its other names.
         """
         wanted = {a.name: a for a in ReplicaConfig.model_validate(config or {}).adapters}
         engine = self.engine
@@ -138,10 +143,15 @@ class ZeroCopyDeployment:
         model = self.weights.model
         assert model is not None
         loaded: dict[str, tuple[LoraWeights, str]] = {}
+        errors: dict[str, str] = {}
         for name, adapter in wanted.items():
             if name not in bank.adapters:
-                published, folder, tensors = attach_adapter(self.args, adapter)
-                loaded[name] = (read_adapter(name, folder, tensors, model), published.name)
+                try:
+                    published, folder, tensors = attach_adapter(self.args, adapter)
+                    loaded[name] = (read_adapter(name, folder, tensors, model), published.name)
+                except (ZeroCopyError, OSError, ValueError) as exc:  # unreadable or unfit: the others still serve
+                    errors[name] = f"adapter {name} ({adapter.uri}) is not served: {exc}"
+                    logger.warning(errors[name])
         for name in [n for n in bank.adapters if n not in wanted]:
             bank.remove(name)
             with contextlib.suppress(ZeroCopyError):
@@ -149,6 +159,7 @@ class ZeroCopyDeployment:
         for name, (weights, copy) in loaded.items():
             bank.add(weights)
             self.adapter_copies[name] = copy
+        self.adapter_errors = errors
 
     def _attached(self) -> None:
         assert self.weights.report is not None
@@ -266,7 +277,8 @@ class ZeroCopyDeployment:
             "largest_batch": 0,
             "startup_seconds": self.startup_seconds,
         }
-        return ReplicaInfo(**fields | self.engine.info())
+        errors = {"adapter_errors": self.adapter_errors} if self.adapter_errors else {}
+        return ReplicaInfo(**fields | self.engine.info() | errors)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose weights are no longer intact or whose engine died; a lost owner is

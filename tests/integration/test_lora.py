@@ -119,3 +119,23 @@ def test_adding_and_removing_an_adapter_restarts_nothing_and_releases_the_remove
         assert time.monotonic() < deadline, info["adapters"]
         time.sleep(0.2)
     assert info["pid"] == before["pid"]
+
+
+def test_an_adapter_that_cannot_be_read_is_named_and_the_others_keep_serving(served: dict[str, Any]) -> None:
+    url = served["url"]
+    pid = _info(url)["pid"]
+    served["deploy"]("a", "missing")  # b removed, and a folder that does not exist
+    deadline = time.monotonic() + 60
+    while not (info := _info(url)).get("adapter_errors"):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    assert list(info["adapter_errors"]) == ["missing"]
+    assert info["adapter_errors"]["missing"].startswith("adapter missing (")
+    assert (info["adapters"], info["pid"]) == ([f"{APP}:a"], pid)  # still serving, the same replica
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.completions.create(model=f"{APP}:a", prompt="hello world", max_tokens=4, temperature=0)
+    assert answer.choices[0].text == _greedy(served["merged"]["a"], served["tokenizer"], "hello world", 4)
+    served["deploy"]("a", "b")
+    while (info := _info(url))["adapters"] != [f"{APP}:a", f"{APP}:b"] or info.get("adapter_errors"):
+        assert time.monotonic() < deadline + 60, info
+        time.sleep(0.2)

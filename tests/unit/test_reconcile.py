@@ -45,6 +45,9 @@ class _Info(BaseHTTPRequestHandler):
         body = INFO.model_dump_json().encode() if path.endswith("/-/info") else b"not json"
         if path.endswith("/-/old"):  # a replica of another version: JSON, but not the contract
             body = json.dumps({"weights": "m-0123", "bytes": 1}).encode()
+        if path.endswith("/-/adapters"):  # a replica that could not read one of its adapters
+            body = replica_info(adapter_errors={"gone": "adapter gone (file://gone) is not served: no such file"})
+            body = body.model_dump_json().encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.end_headers()
@@ -431,3 +434,24 @@ def test_observe_uses_the_rayservice_it_is_given_without_reading_it(kube: FakeKu
     assert status["phase"] == "Provisioning"
     assert _condition(status, "ClusterReady")["message"] == "the Ray cluster is starting"
     assert kube.calls == []
+
+
+def test_an_adapter_a_model_could_not_serve_is_a_warning_event_once(
+    kube: FakeKube, info: tuple[rc.Settings, list[str]]
+) -> None:
+    settings, _ = info
+    settings = rc.Settings(default_image="x", info_url=settings.info_url.replace("/-/info", "/-/adapters"))
+    resource = model("alpha", task="text-generation", handler=None)
+    resource["spec"]["serving"].pop("handler")
+    resource["spec"]["model"]["architecture"] = {"transformers": "LlamaForCausalLM"}
+    resource["spec"]["adapters"] = [{"name": "gone", "uri": "file://gone"}]
+    rc.apply(kube, kube.add_model(resource), settings)  # as the model's own handler does first
+    kube.set_rayservice_status(NAMESPACE, "alpha", kuberay_status({"alpha": "RUNNING"}))
+    rc.mirror(kube, NAMESPACE, "alpha", settings)
+    ready = {c["type"]: c for c in kube.models[(NAMESPACE, "alpha")]["status"]["conditions"]}
+    assert (ready["Ready"]["status"], ready["AdaptersReady"]["status"]) == ("True", "False")
+    assert kube.events == [
+        ("alpha", "Warning", "AdapterFailed", "adapter gone (file://gone) is not served: no such file")
+    ]
+    rc.mirror(kube, NAMESPACE, "alpha", settings)  # the same again: no second Event
+    assert len(kube.events) == 1

@@ -109,3 +109,23 @@ def test_text_tasks_show_the_task_and_the_openai_base_url() -> None:
         assert (status["task"], status["openaiBaseUrl"]) == (task, None)  # no endpoint before the RayService
         status = observed_status(resource, spec, {"status": {}}, None, url, "2026-01-01T00:00:00Z")
         assert (status["task"], status["openaiBaseUrl"]) == (task, base)
+
+
+def test_adapters_a_model_could_not_serve_are_a_condition_naming_each_and_why() -> None:
+    from zerocopy_operator.status import with_adapters
+
+    resource = yaml.safe_load((ROOT / "examples" / "smollm2-chat.yaml").read_text())
+    resource["metadata"].update(name="tiny-mlp", namespace="models", generation=2)  # the app _rayservice reports
+    resource["spec"]["adapters"] = [{"name": "sql", "uri": "file://sql"}, {"name": "gone", "uri": "s3://b/gone"}]
+    spec = parse_spec(resource)
+    served = observed_status(resource, spec, _rayservice(True, "RUNNING"), None, URL, "t0")
+    broken = replica_info(adapter_errors={"gone": "adapter gone (s3://b/gone) is not served: NoSuchKey"})
+    status = with_adapters(served, resource, spec, broken, "t1")
+    assert _conditions(status)["AdaptersReady"] == ("False", "AdapterFailed")
+    assert status["conditions"][-1]["message"] == "adapter gone (s3://b/gone) is not served: NoSuchKey"
+    assert _conditions(status)["Ready"] == ("True", "Serving")  # the model serves its other names meanwhile
+    fixed = with_adapters(served, {**resource, "status": status}, spec, replica_info(), "t2")
+    assert _conditions(fixed)["AdaptersReady"] == ("True", "Serving")
+    assert fixed["conditions"][-1]["lastTransitionTime"] == "t2"
+    plain = parse_spec({**resource, "spec": {**resource["spec"], "adapters": []}})
+    assert with_adapters(served, resource, plain, broken, "t1") == served  # no adapters listed: no condition
