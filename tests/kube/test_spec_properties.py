@@ -72,6 +72,7 @@ from zerocopy_operator.placement import plan_cluster  # noqa: E402
 from zerocopy_operator.resources import parse_cluster_spec  # noqa: E402
 from zerocopy_operator.validation import InvalidSpec, validate, validate_cluster  # noqa: E402
 from zerocopy_runtime.config import AppArgs  # noqa: E402
+from zerocopy_runtime.contract import ROUTER_APP, RouterArgs  # noqa: E402
 
 #: libyaml's loader where PyYAML has it: the pure-Python one costs more than the rest of a check.
 SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -330,9 +331,13 @@ def assert_serve_accepts(rayservice: dict[str, Any], applications: int = 1) -> N
     """
     config = yaml.load(rayservice["spec"]["serveConfigV2"], Loader=SafeLoader)
     apps = ServeDeploySchema.model_validate(config).applications
-    assert len(apps) == applications, f"expected {applications} Serve applications, got {len(apps)}"
+    models = [app for app in apps if app.name != ROUTER_APP]  # a cluster's OpenAI router comes with text models
+    assert len(models) == applications, f"expected {applications} Serve applications, got {len(models)}"
     for app in apps:
-        AppArgs.model_validate(app.args)
+        if app.name == ROUTER_APP:
+            RouterArgs.model_validate(app.args)
+        else:
+            AppArgs.model_validate(app.args)
         assert app.deployments, "the Serve application sets no deployment options (replicas, resources)"
         for deployment in app.deployments:
             options = deployment.model_dump(exclude_unset=True)
