@@ -21,7 +21,15 @@ from .manifests import build_cluster_rayservice, build_router_application
 from .placement import ClusterPlan, Member, cluster_ref, members_of, plan_cluster
 from .reconcile import Settings, adopt, apply_desired, now, observe, owns, write_status
 from .resources import serve_url
-from .status import NOT_SERVING, application_status, cluster_status, invalid_status, model_status, waiting_status
+from .status import (
+    NOT_SERVING,
+    application_status,
+    cluster_status,
+    find_condition,
+    invalid_status,
+    model_status,
+    waiting_status,
+)
 from .validation import InvalidSpec, validate_cluster
 
 CLUSTER_NOT_FOUND = "ClusterNotFound"
@@ -88,7 +96,7 @@ def model_entry(member: Member, status: dict[str, Any], rayservice: dict[str, An
     app = application_status(rayservice, member.name)
     served = member.application is not None
     weights = (status.get("weights") or {}).get("bytes") or member.weights_bytes
-    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+    ready = find_condition(status, "Ready")
     return {
         "name": member.name,
         "route": member.application["route_prefix"] if served and member.application else None,

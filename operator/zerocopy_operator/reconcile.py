@@ -24,7 +24,15 @@ from .api import ZeroCopyModelSpec
 from .kube import Kube
 from .manifests import MODEL_LABEL, build_rayservice
 from .resources import endpoint, route_prefix, service_name
-from .status import OPERATOR_ERROR, REFUSED, invalid_status, observed_status, weights_from_info, with_adapters
+from .status import (
+    OPERATOR_ERROR,
+    REFUSED,
+    find_condition,
+    invalid_status,
+    observed_status,
+    weights_from_info,
+    with_adapters,
+)
 from .validation import InvalidSpec, validate
 
 logger = logging.getLogger(__name__)
@@ -215,7 +223,7 @@ def mirror(kube: Kube, namespace: str, name: str, settings: Settings) -> str | N
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     """A condition without its timestamps (what changed, not when)."""
-    found: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+    found = find_condition(status, kind)
     return {k: v for k, v in found.items() if k not in ("lastTransitionTime", "observedGeneration")}
 
 
@@ -244,7 +252,7 @@ def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
 def refused(resource: dict[str, Any]) -> bool:
     """Whether this generation of the model was already refused as invalid (no retry storm)."""
     status = resource.get("status") or {}
-    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready = find_condition(status, "Ready")
     return ready.get("reason") in REFUSED and status.get("observedGeneration") == resource["metadata"].get("generation")
 
 

@@ -29,6 +29,12 @@ OPERATOR_ERROR = "OperatorError"
 REFUSED = (INVALID_SPEC, OPERATOR_ERROR)
 
 
+def find_condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The condition of type `kind` in a status (ours or a RayService's); empty when it has none."""
+    found: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+    return found
+
+
 def condition(kind: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")
     return {"type": kind, "status": status, "reason": reason, "message": message}
@@ -109,7 +115,7 @@ def application_status(rayservice: dict[str, Any] | None, name: str) -> dict[str
 def cluster_condition(rayservice: dict[str, Any]) -> dict[str, Any]:
     """ClusterReady, from the RayService's Ready condition or its cluster's state."""
     state = rayservice.get("status") or {}
-    ready: dict[str, Any] = next((c for c in state.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready = find_condition(state, "Ready")
     ok = (
         ready.get("status") == "True"
         or ((state.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}).get("state") == "ready"
